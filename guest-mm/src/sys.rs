@@ -1,0 +1,714 @@
+//! The only place in guest-mm that makes raw memory system calls.
+//!
+//! Everything here wraps one Linux call (mmap, munmap, madvise, fallocate, memfd_create, mincore,
+//! eventfd, poll, userfaultfd and its ioctls) behind a safe API. Calls that act on a [`Mapping`]
+//! take offsets into it and check them against the mapping's length first, so no caller can make
+//! them touch memory outside a mapping this module created.
+//!
+//! The userfaultfd uapi structures and ioctl numbers are defined here from `linux/userfaultfd.h`;
+//! the tests at the bottom make the real calls to check them.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+/// Host page size assumed throughout guest-mm (x86_64 base pages).
+pub const HOST_PAGE_SIZE: u64 = 4096;
+
+/// A failed system call: which one, and the OS error behind it.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// The kernel refused the call.
+    #[error("{call} failed")]
+    Call {
+        /// Name of the call (e.g. `madvise(MADV_DONTNEED)`).
+        call: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An offset/length pair does not lie inside the mapping or is not page aligned.
+    #[error(
+        "range {offset:#x}+{len:#x} is not a page-aligned, non-empty range inside a mapping of {size:#x} bytes"
+    )]
+    OutOfRange {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// Length of the mapping.
+        size: u64,
+    },
+    /// A length of zero, or one that is not a multiple of the page size.
+    #[error("length {0:#x} is zero or not a multiple of the page size")]
+    BadLength(u64),
+    /// A name given to memfd_create contained a NUL byte.
+    #[error("memfd name contains a NUL byte")]
+    BadName,
+}
+
+fn last(call: &'static str) -> SysError {
+    SysError::Call {
+        call,
+        source: io::Error::last_os_error(),
+    }
+}
+
+fn check_len(len: u64) -> Result<usize, SysError> {
+    if len == 0 || len % HOST_PAGE_SIZE != 0 {
+        return Err(SysError::BadLength(len));
+    }
+    usize::try_from(len).map_err(|_| SysError::BadLength(len))
+}
+
+/// madvise advice values used by guest-mm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTNEED`: drop the pages now; private anonymous memory reads back as zero.
+    DontNeed,
+    /// `MADV_FREE`: the kernel may drop the pages lazily, unless they are written again first.
+    Free,
+    /// `MADV_REMOVE`: punch the range out of a shared (shmem/memfd) backing.
+    Remove,
+    /// `MADV_NOHUGEPAGE`: never back this range with transparent huge pages.
+    NoHugePage,
+    /// `MADV_HUGEPAGE`: allow transparent huge pages here.
+    HugePage,
+}
+
+impl Advice {
+    fn raw(self) -> (libc::c_int, &'static str) {
+        match self {
+            Advice::DontNeed => (libc::MADV_DONTNEED, "madvise(MADV_DONTNEED)"),
+            Advice::Free => (libc::MADV_FREE, "madvise(MADV_FREE)"),
+            Advice::Remove => (libc::MADV_REMOVE, "madvise(MADV_REMOVE)"),
+            Advice::NoHugePage => (libc::MADV_NOHUGEPAGE, "madvise(MADV_NOHUGEPAGE)"),
+            Advice::HugePage => (libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)"),
+        }
+    }
+}
+
+/// A memory mapping owned by this process, unmapped on drop.
+///
+/// The mapping never hands out references to its contents, only its base address: guest memory
+/// is written by the guest, by the kernel (userfaultfd) and by madvise behind Rust's back, so
+/// code that reads it must use raw pointers or volatile accesses.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping is an owned address range; the struct holds no thread-affine state and all
+// of its methods are system calls that the kernel serialises itself.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; &Mapping only allows system calls on the range, never Rust references to it.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of private anonymous memory, read/write, without reserving swap.
+    pub fn anonymous(len: u64) -> Result<Self, SysError> {
+        let len = check_len(len)?;
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address cannot alias anything
+        // this process already uses; the result is checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        Self::from_raw(ptr, len, "mmap(anonymous)")
+    }
+
+    /// Maps `len` bytes of `fd` from offset 0, shared, read/write.
+    pub fn shared(fd: &OwnedFd, len: u64) -> Result<Self, SysError> {
+        let len = check_len(len)?;
+        // SAFETY: a fresh shared mapping of a file we hold open, at a kernel-chosen address, so it
+        // aliases nothing this process already uses; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        Self::from_raw(ptr, len, "mmap(shared)")
+    }
+
+    fn from_raw(ptr: *mut libc::c_void, len: usize, call: &'static str) -> Result<Self, SysError> {
+        if ptr == libc::MAP_FAILED {
+            return Err(last(call));
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(SysError::Call {
+            call,
+            source: io::Error::other("kernel returned a null mapping"),
+        })?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Base address of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Always false: a mapping has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks that `offset..offset + len` is a page-aligned, non-empty range inside the mapping and
+    /// returns its start address.
+    pub fn checked_range(&self, offset: u64, len: u64) -> Result<*mut u8, SysError> {
+        let size = self.len as u64;
+        let ok = len != 0
+            && offset % HOST_PAGE_SIZE == 0
+            && len % HOST_PAGE_SIZE == 0
+            && offset.checked_add(len).is_some_and(|end| end <= size);
+        if !ok {
+            return Err(SysError::OutOfRange { offset, len, size });
+        }
+        // SAFETY: offset < size was checked above, so the result stays inside the mapping.
+        Ok(unsafe { self.as_ptr().add(offset as usize) })
+    }
+
+    /// Applies `advice` to `offset..offset + len` of this mapping.
+    pub fn madvise(&self, offset: u64, len: u64, advice: Advice) -> Result<(), SysError> {
+        let addr = self.checked_range(offset, len)?;
+        let (raw, call) = advice.raw();
+        // SAFETY: the range lies inside this mapping (checked); no Rust reference into the mapping
+        // exists (the type never creates one), so changing its contents breaks no aliasing rule.
+        let rc = unsafe { libc::madvise(addr.cast(), len as usize, raw) };
+        if rc != 0 {
+            return Err(last(call));
+        }
+        Ok(())
+    }
+
+    /// Fills `out` with one residency byte per page of `offset..offset + len` (bit 0 set: the page
+    /// is resident). For a private anonymous mapping that means "has a present PTE"; for a
+    /// shared file mapping, "is in the page cache".
+    pub fn mincore(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), SysError> {
+        let addr = self.checked_range(offset, len)?;
+        let pages = (len / HOST_PAGE_SIZE) as usize;
+        out.clear();
+        out.resize(pages, 0);
+        // SAFETY: the range lies inside this mapping (checked) and `out` has exactly one byte per
+        // page of it, which is what mincore writes.
+        let rc = unsafe { libc::mincore(addr.cast(), len as usize, out.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(last("mincore"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe a mapping this value created and still owns; nothing can use it
+        // after drop because the type hands out no references.
+        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if rc != 0 {
+            log::error!(
+                "munmap of guest mapping failed: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Creates a memfd named `name` of `len` bytes (`MFD_CLOEXEC`).
+pub fn memfd_create(name: &str, len: u64) -> Result<OwnedFd, SysError> {
+    check_len(len)?;
+    let cname = CString::new(name).map_err(|_| SysError::BadName)?;
+    // SAFETY: cname is a valid NUL-terminated string for the duration of the call.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(last("memfd_create"));
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let size = libc::off_t::try_from(len).map_err(|_| SysError::BadLength(len))?;
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+        return Err(last("ftruncate(memfd)"));
+    }
+    Ok(fd)
+}
+
+/// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)` on `offset..offset + len` of `fd`.
+pub fn punch_hole(fd: &OwnedFd, offset: u64, len: u64) -> Result<(), SysError> {
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(SysError::OutOfRange {
+            offset,
+            len,
+            size: 0,
+        });
+    };
+    // SAFETY: plain syscall on a descriptor we own; it only frees file blocks.
+    let rc = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    if rc != 0 {
+        return Err(last("fallocate(PUNCH_HOLE)"));
+    }
+    Ok(())
+}
+
+/// A non-blocking eventfd, used to wake pollers.
+#[derive(Debug)]
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// Creates an eventfd (`EFD_NONBLOCK | EFD_CLOEXEC`), counter 0.
+    pub fn new() -> Result<Self, SysError> {
+        // SAFETY: plain syscall creating a new descriptor.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(last("eventfd"));
+        }
+        // SAFETY: fd is freshly created and owned by nobody else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds 1 to the counter, making the fd readable.
+    pub fn signal(&self) -> Result<(), SysError> {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to a descriptor we own.
+        let rc = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+        if rc != 8 {
+            let err = io::Error::last_os_error();
+            // A saturated counter is still readable, which is all a waker needs.
+            if err.kind() != io::ErrorKind::WouldBlock {
+                return Err(SysError::Call {
+                    call: "write(eventfd)",
+                    source: err,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Resets the counter to 0; returns whether it was non-zero.
+    pub fn drain(&self) -> bool {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a descriptor we own.
+        let rc = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut v).cast(), 8) };
+        rc == 8
+    }
+
+    /// The raw descriptor, for polling.
+    pub fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Polls `fds` for readability, for at most `timeout_ms` (-1: forever). Returns one flag per fd;
+/// an interrupted poll returns all false.
+pub fn poll_readable<const N: usize>(
+    fds: [RawFd; N],
+    timeout_ms: i32,
+) -> Result<[bool; N], SysError> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: pfds is a live array of N pollfd structs.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok([false; N]);
+        }
+        return Err(SysError::Call {
+            call: "poll",
+            source: err,
+        });
+    }
+    Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
+}
+
+// ---- userfaultfd -------------------------------------------------------------------------
+
+/// `UFFD_API`: the only userfaultfd API version.
+const UFFD_API: u64 = 0xAA;
+/// ioctl type byte of the userfaultfd ioctls.
+const UFFDIO: libc::c_ulong = 0xAA;
+
+const fn ioc(dir: libc::c_ulong, nr: libc::c_ulong, size: usize) -> libc::c_ulong {
+    (dir << 30) | ((size as libc::c_ulong) << 16) | (UFFDIO << 8) | nr
+}
+const IOC_READ: libc::c_ulong = 2;
+const IOC_RW: libc::c_ulong = 3;
+
+const UFFDIO_API: libc::c_ulong = ioc(IOC_RW, 0x3F, size_of::<UffdioApi>());
+const UFFDIO_REGISTER: libc::c_ulong = ioc(IOC_RW, 0x00, size_of::<UffdioRegister>());
+const UFFDIO_UNREGISTER: libc::c_ulong = ioc(IOC_READ, 0x01, size_of::<UffdioRange>());
+const UFFDIO_WAKE: libc::c_ulong = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
+const UFFDIO_COPY: libc::c_ulong = ioc(IOC_RW, 0x03, size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: libc::c_ulong = ioc(IOC_RW, 0x04, size_of::<UffdioZeropage>());
+
+/// Event: a thread faulted on a missing page.
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// Event: pages of a registered range were removed (madvise DONTNEED/FREE/REMOVE).
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+/// Page-fault flag: the access was a write.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+/// Feature: deliver `UFFD_EVENT_REMOVE`.
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// Feature: MISSING mode on shmem (memfd) mappings.
+pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// One message read from a userfaultfd (`struct uffd_msg`, 32 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UffdMsg {
+    event: u8,
+    reserved: [u8; 7],
+    arg: [u64; 3],
+}
+
+const _: () = assert!(size_of::<UffdMsg>() == 32);
+
+impl UffdMsg {
+    /// The event code (`UFFD_EVENT_*`).
+    pub fn event(&self) -> u8 {
+        self.event
+    }
+    /// For a page fault: `(flags, faulting address)`.
+    pub fn pagefault(&self) -> (u64, u64) {
+        (self.arg[0], self.arg[1])
+    }
+    /// For a remove event: `(start, end)` host addresses, end exclusive.
+    pub fn remove(&self) -> (u64, u64) {
+        (self.arg[0], self.arg[1])
+    }
+    /// Builds a page-fault message (for retry queues and tests).
+    pub fn new_pagefault(flags: u64, address: u64) -> Self {
+        Self {
+            event: UFFD_EVENT_PAGEFAULT,
+            reserved: [0; 7],
+            arg: [flags, address, 0],
+        }
+    }
+}
+
+/// Why a UFFDIO_COPY or UFFDIO_ZEROPAGE did not fill the whole range.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdIoError {
+    /// A page in the range was already present; `done` bytes before it were filled.
+    #[error("page already present after {done:#x} bytes")]
+    Exists {
+        /// Bytes filled before the present page.
+        done: u64,
+    },
+    /// The call stopped early: a non-cooperative event (e.g. a remove) is pending, or, with
+    /// `done > 0`, it met a present page part way.
+    #[error("stopped after {done:#x} bytes (pending event or present page)")]
+    Again {
+        /// Bytes filled before it stopped.
+        done: u64,
+    },
+    /// Any other failure.
+    #[error("userfaultfd fill failed")]
+    Failed(#[source] SysError),
+}
+
+/// A userfaultfd descriptor (non-blocking, close-on-exec).
+#[derive(Debug)]
+pub struct Userfaultfd {
+    fd: OwnedFd,
+    features: u64,
+}
+
+impl Userfaultfd {
+    /// Opens a userfaultfd and performs the API handshake asking for `features`
+    /// (`UFFD_FEATURE_*`). Fails if the kernel lacks userfaultfd or any requested feature.
+    pub fn new(features: u64) -> Result<Self, SysError> {
+        // SAFETY: plain syscall creating a new descriptor; flags are valid open flags.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(last("userfaultfd"));
+        }
+        // SAFETY: fd is a freshly created descriptor owned by nobody else (fits in c_int).
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes exactly one uffdio_api, which `api` is.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &raw mut api) };
+        if rc != 0 {
+            return Err(last("ioctl(UFFDIO_API)"));
+        }
+        if api.features & features != features {
+            return Err(SysError::Call {
+                call: "ioctl(UFFDIO_API)",
+                source: io::Error::other(format!(
+                    "kernel lacks requested features {:#x}",
+                    features & !api.features
+                )),
+            });
+        }
+        Ok(Self {
+            fd,
+            features: api.features,
+        })
+    }
+
+    /// Features the kernel reported in the handshake.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The raw descriptor, for polling.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Registers `addr..addr + len` in MISSING mode; returns the ioctl mask the kernel allows
+    /// there. The range must be a mapping of this process (the kernel checks).
+    pub fn register_missing(&self, addr: u64, len: u64) -> Result<u64, SysError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: addr, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register, which `reg` is; the
+        // kernel validates the address range itself.
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_REGISTER, &raw mut reg) };
+        if rc != 0 {
+            return Err(last("ioctl(UFFDIO_REGISTER)"));
+        }
+        Ok(reg.ioctls)
+    }
+
+    /// Unregisters `addr..addr + len`.
+    pub fn unregister(&self, addr: u64, len: u64) -> Result<(), SysError> {
+        let mut range = UffdioRange { start: addr, len };
+        // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range, which `range` is.
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_UNREGISTER, &raw mut range) };
+        if rc != 0 {
+            return Err(last("ioctl(UFFDIO_UNREGISTER)"));
+        }
+        Ok(())
+    }
+
+    /// Wakes threads waiting on faults in `addr..addr + len`.
+    pub fn wake(&self, addr: u64, len: u64) -> Result<(), SysError> {
+        let mut range = UffdioRange { start: addr, len };
+        // SAFETY: UFFDIO_WAKE reads one uffdio_range, which `range` is.
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_WAKE, &raw mut range) };
+        if rc != 0 {
+            return Err(last("ioctl(UFFDIO_WAKE)"));
+        }
+        Ok(())
+    }
+
+    /// Fills the missing pages `dst..dst + src.len()` of a registered range with a copy of `src`
+    /// (UFFDIO_COPY) and, unless `dontwake`, wakes the threads waiting there. It never changes
+    /// a page that is already present (the kernel stops with EEXIST instead).
+    pub fn copy(&self, dst: u64, src: &[u8], dontwake: bool) -> Result<u64, UffdIoError> {
+        let mut c = UffdioCopy {
+            dst,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: if dontwake {
+                UFFDIO_COPY_MODE_DONTWAKE
+            } else {
+                0
+            },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads and writes one uffdio_copy, which `c` is; the kernel reads
+        // `src.len()` bytes from `src`, a live slice; it writes only missing pages of a
+        // registered range, which it validates itself.
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_COPY, &raw mut c) };
+        fill_result(rc, c.copy, c.len, "ioctl(UFFDIO_COPY)")
+    }
+
+    /// Maps zero pages at the missing pages of `dst..dst + len` (UFFDIO_ZEROPAGE) and, unless
+    /// `dontwake`, wakes the threads waiting there.
+    pub fn zeropage(&self, dst: u64, len: u64, dontwake: bool) -> Result<u64, UffdIoError> {
+        let mut z = UffdioZeropage {
+            range: UffdioRange { start: dst, len },
+            mode: if dontwake {
+                UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            } else {
+                0
+            },
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage, which `z` is; the kernel
+        // fills only missing pages of a registered range, which it validates itself.
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_ZEROPAGE, &raw mut z) };
+        fill_result(rc, z.zeropage, len, "ioctl(UFFDIO_ZEROPAGE)")
+    }
+
+    /// Reads as many pending messages as fit in `buf` without blocking; 0 if none is pending.
+    pub fn read_msgs(&self, buf: &mut [UffdMsg]) -> Result<usize, SysError> {
+        let bytes = size_of_val(buf);
+        // SAFETY: buf is a live, writable slice of `bytes` bytes of plain-old-data messages.
+        let rc = unsafe { libc::read(self.raw(), buf.as_mut_ptr().cast(), bytes) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(SysError::Call {
+                    call: "read(userfaultfd)",
+                    source: err,
+                }),
+            };
+        }
+        Ok(rc as usize / size_of::<UffdMsg>())
+    }
+}
+
+fn fill_result(
+    rc: libc::c_int,
+    done: i64,
+    len: u64,
+    call: &'static str,
+) -> Result<u64, UffdIoError> {
+    if rc == 0 {
+        return Ok(len);
+    }
+    let err = io::Error::last_os_error();
+    let done = u64::try_from(done).unwrap_or(0);
+    match err.raw_os_error() {
+        Some(libc::EEXIST) => Err(UffdIoError::Exists { done }),
+        Some(libc::EAGAIN) => Err(UffdIoError::Again { done }),
+        _ => Err(UffdIoError::Failed(SysError::Call { call, source: err })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_rejects_ranges_outside() {
+        let m = Mapping::anonymous(4 * HOST_PAGE_SIZE).unwrap();
+        for (off, len) in [
+            (0, 0),
+            (1, HOST_PAGE_SIZE),
+            (0, 5 * HOST_PAGE_SIZE),
+            (4 * HOST_PAGE_SIZE, HOST_PAGE_SIZE),
+            (u64::MAX & !(HOST_PAGE_SIZE - 1), 2 * HOST_PAGE_SIZE),
+        ] {
+            assert!(matches!(
+                m.madvise(off, len, Advice::DontNeed),
+                Err(SysError::OutOfRange { .. })
+            ));
+        }
+        m.madvise(0, 4 * HOST_PAGE_SIZE, Advice::DontNeed).unwrap();
+    }
+
+    #[test]
+    fn mincore_sees_touch_and_dontneed() {
+        let m = Mapping::anonymous(8 * HOST_PAGE_SIZE).unwrap();
+        // SAFETY: offset 3 pages is inside the 8-page mapping; nothing else accesses it.
+        unsafe { m.as_ptr().add(3 * 4096).write_volatile(7) };
+        let mut v = Vec::new();
+        m.mincore(0, 8 * HOST_PAGE_SIZE, &mut v).unwrap();
+        assert_eq!(
+            v.iter().map(|b| b & 1).collect::<Vec<_>>(),
+            [0, 0, 0, 1, 0, 0, 0, 0]
+        );
+        m.madvise(3 * HOST_PAGE_SIZE, HOST_PAGE_SIZE, Advice::DontNeed)
+            .unwrap();
+        m.mincore(0, 8 * HOST_PAGE_SIZE, &mut v).unwrap();
+        assert!(v.iter().all(|b| b & 1 == 0));
+    }
+
+    #[test]
+    fn memfd_punch_hole_frees_page_cache() {
+        let fd = memfd_create("ebb-test", 4 * HOST_PAGE_SIZE).unwrap();
+        let m = Mapping::shared(&fd, 4 * HOST_PAGE_SIZE).unwrap();
+        // SAFETY: page 1 is inside the mapping; nothing else accesses it.
+        unsafe { m.as_ptr().add(4096).write_volatile(9) };
+        let mut v = Vec::new();
+        m.mincore(0, 4 * HOST_PAGE_SIZE, &mut v).unwrap();
+        assert_eq!(v[1] & 1, 1);
+        punch_hole(&fd, HOST_PAGE_SIZE, HOST_PAGE_SIZE).unwrap();
+        m.mincore(0, 4 * HOST_PAGE_SIZE, &mut v).unwrap();
+        assert_eq!(v[1] & 1, 0);
+        // SAFETY: as above.
+        assert_eq!(unsafe { m.as_ptr().add(4096).read_volatile() }, 0);
+    }
+
+    #[test]
+    fn eventfd_signals_poll() {
+        let e = EventFd::new().unwrap();
+        assert_eq!(poll_readable([e.raw()], 0).unwrap(), [false]);
+        e.signal().unwrap();
+        assert_eq!(poll_readable([e.raw()], 0).unwrap(), [true]);
+        assert!(e.drain());
+        assert!(!e.drain());
+    }
+}
