@@ -1,3 +1,4 @@
 //! placeholder
 
 pub mod sys;
+pub mod backing;

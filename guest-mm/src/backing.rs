@@ -1,0 +1,326 @@
+//! Host backing of guest memory: the mapping that holds a region's pages, and how pages are
+//! given back to the host.
+//!
+//! Two real implementations: [`AnonBacking`] (private anonymous memory, released with
+//! `MADV_DONTNEED` or lazily with `MADV_FREE`) and [`MemfdBacking`] (a shared memfd mapping,
+//! released with `MADV_REMOVE` or `fallocate(PUNCH_HOLE)`). Every offset/length is checked
+//! against the mapping before any call is made.
+//!
+//! Release modes and what they mean for the second-level tables:
+//! - `DontNeed`: the pages are gone when the call returns; the next touch faults (and reads zero).
+//!   The manager clears the leaves.
+//! - `Free` (`MADV_FREE`, lazy): the kernel may keep a page until memory is short, and a write
+//!   before then keeps it for good, without any fault. So the leaves cannot be cleared (the guest
+//!   may reuse the page without faulting, and no fault would ever re-record it); the manager marks
+//!   them lazy instead (`Tables::mark_lazy`): "maybe present". A lazy leaf that the host did drop
+//!   faults again on the next touch, and the fault path keeps the leaf. No table is freed in this
+//!   mode, because no leaf goes away.
+//! - `Remove` / `PunchHole`: for shared memfd backing, drop the pages from the file (page cache),
+//!   so the memory really goes back. `MADV_DONTNEED` on a shared mapping only unmaps, keeping the
+//!   page cache, so it is refused for memfd backing.
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+use crate::sys::{self, Advice, Mapping, SysError};
+
+/// How released guest pages are given back to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReleaseMode {
+    /// `MADV_DONTNEED` (anonymous backing; the default).
+    #[default]
+    DontNeed,
+    /// `MADV_FREE` (anonymous backing, lazy).
+    Free,
+    /// `MADV_REMOVE` (shared memfd backing).
+    Remove,
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)` (shared memfd backing).
+    PunchHole,
+}
+
+impl ReleaseMode {
+    /// True for modes after which the pages are certainly gone (leaves are cleared); false for
+    /// `Free`, after which they may stay (leaves are marked lazy).
+    pub fn is_eager(self) -> bool {
+        !matches!(self, ReleaseMode::Free)
+    }
+}
+
+impl fmt::Display for ReleaseMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReleaseMode::DontNeed => "MADV_DONTNEED",
+            ReleaseMode::Free => "MADV_FREE",
+            ReleaseMode::Remove => "MADV_REMOVE",
+            ReleaseMode::PunchHole => "fallocate(PUNCH_HOLE)",
+        })
+    }
+}
+
+/// What kind of memory a backing is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingKind {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A shared mapping of a memfd (shmem).
+    SharedMemfd,
+}
+
+/// Why a backing operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    /// The range is empty, unaligned or not inside the backing.
+    #[error(
+        "range {offset:#x}+{len:#x} is not a page-aligned, non-empty range inside the {size:#x}-byte backing"
+    )]
+    OutOfRange {
+        /// Offset into the backing.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Backing size.
+        size: u64,
+    },
+    /// The release mode cannot free this kind of memory.
+    #[error("release mode {mode} does not free {kind:?} memory")]
+    Unsupported {
+        /// Requested mode.
+        mode: ReleaseMode,
+        /// Backing kind.
+        kind: BackingKind,
+    },
+    /// Creating the backing failed.
+    #[error("creating the host mapping failed")]
+    Create(#[source] SysError),
+    /// The release call failed.
+    #[error("releasing {offset:#x}+{len:#x} failed")]
+    Release {
+        /// Offset into the backing.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The failed call.
+        #[source]
+        source: SysError,
+    },
+    /// mincore failed.
+    #[error("reading page residency failed")]
+    Residency(#[source] SysError),
+}
+
+/// The host memory behind one guest-memory region.
+pub trait HostBacking: Send + Sync + fmt::Debug {
+    /// Base address of the mapping (stable for the backing's lifetime).
+    fn host_ptr(&self) -> *mut u8;
+    /// Length in bytes.
+    fn len(&self) -> u64;
+    /// True if the backing has no bytes (never for the real implementations).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// What kind of memory this is.
+    fn kind(&self) -> BackingKind;
+    /// Whether `mode` really gives this kind of memory back.
+    fn supports(&self, mode: ReleaseMode) -> bool;
+    /// Gives `offset..offset + len` back to the host with `mode`.
+    fn release(&self, offset: u64, len: u64, mode: ReleaseMode) -> Result<(), BackingError>;
+    /// One residency byte per page of `offset..offset + len` (bit 0: resident), via mincore.
+    fn residency(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), BackingError>;
+}
+
+fn check(offset: u64, len: u64, size: u64) -> Result<(), BackingError> {
+    let page = sys::HOST_PAGE_SIZE;
+    let ok = len != 0
+        && offset % page == 0
+        && len % page == 0
+        && offset.checked_add(len).is_some_and(|end| end <= size);
+    if ok {
+        Ok(())
+    } else {
+        Err(BackingError::OutOfRange { offset, len, size })
+    }
+}
+
+/// Private anonymous memory.
+#[derive(Debug)]
+pub struct AnonBacking {
+    map: Mapping,
+}
+
+impl AnonBacking {
+    /// Maps `len` bytes. With `thp == false` the range is marked `MADV_NOHUGEPAGE`, so every page
+    /// is a 4 KiB page with its own PTE (what guest-mm's 4 KiB leaves describe).
+    pub fn new(len: u64, thp: bool) -> Result<Self, BackingError> {
+        let map = Mapping::anonymous(len).map_err(BackingError::Create)?;
+        let advice = if thp {
+            Advice::HugePage
+        } else {
+            Advice::NoHugePage
+        };
+        map.madvise(0, len, advice).map_err(BackingError::Create)?;
+        Ok(Self { map })
+    }
+}
+
+impl HostBacking for AnonBacking {
+    fn host_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+    fn len(&self) -> u64 {
+        self.map.len()
+    }
+    fn kind(&self) -> BackingKind {
+        BackingKind::Anonymous
+    }
+    fn supports(&self, mode: ReleaseMode) -> bool {
+        matches!(mode, ReleaseMode::DontNeed | ReleaseMode::Free)
+    }
+    fn release(&self, offset: u64, len: u64, mode: ReleaseMode) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        let advice = match mode {
+            ReleaseMode::DontNeed => Advice::DontNeed,
+            ReleaseMode::Free => Advice::Free,
+            ReleaseMode::Remove | ReleaseMode::PunchHole => {
+                return Err(BackingError::Unsupported {
+                    mode,
+                    kind: self.kind(),
+                });
+            }
+        };
+        self.map
+            .madvise(offset, len, advice)
+            .map_err(|source| BackingError::Release {
+                offset,
+                len,
+                source,
+            })
+    }
+    fn residency(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        self.map
+            .mincore(offset, len, out)
+            .map_err(BackingError::Residency)
+    }
+}
+
+/// A shared mapping of a memfd (shmem).
+#[derive(Debug)]
+pub struct MemfdBacking {
+    // Field order matters: the mapping is unmapped before the file is closed.
+    map: Mapping,
+    fd: OwnedFd,
+}
+
+impl MemfdBacking {
+    /// Creates a memfd of `len` bytes named `name` and maps it shared.
+    pub fn new(name: &str, len: u64) -> Result<Self, BackingError> {
+        let fd = sys::memfd_create(name, len).map_err(BackingError::Create)?;
+        let map = Mapping::shared(&fd, len).map_err(BackingError::Create)?;
+        Ok(Self { map, fd })
+    }
+
+    /// The memfd (e.g. to hand to a vhost-user process).
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
+
+impl HostBacking for MemfdBacking {
+    fn host_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+    fn len(&self) -> u64 {
+        self.map.len()
+    }
+    fn kind(&self) -> BackingKind {
+        BackingKind::SharedMemfd
+    }
+    fn supports(&self, mode: ReleaseMode) -> bool {
+        matches!(mode, ReleaseMode::Remove | ReleaseMode::PunchHole)
+    }
+    fn release(&self, offset: u64, len: u64, mode: ReleaseMode) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        let res = match mode {
+            ReleaseMode::Remove => self.map.madvise(offset, len, Advice::Remove),
+            ReleaseMode::PunchHole => sys::punch_hole(&self.fd, offset, len),
+            ReleaseMode::DontNeed | ReleaseMode::Free => {
+                return Err(BackingError::Unsupported {
+                    mode,
+                    kind: self.kind(),
+                });
+            }
+        };
+        res.map_err(|source| BackingError::Release {
+            offset,
+            len,
+            source,
+        })
+    }
+    fn residency(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        self.map
+            .mincore(offset, len, out)
+            .map_err(BackingError::Residency)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = sys::HOST_PAGE_SIZE;
+
+    fn touch(b: &dyn HostBacking, page: u64, v: u8) {
+        assert!(page * P < b.len());
+        // SAFETY: the page lies inside the backing (asserted); no reference into it exists.
+        unsafe { b.host_ptr().add((page * P) as usize).write_volatile(v) };
+    }
+
+    fn read(b: &dyn HostBacking, page: u64) -> u8 {
+        assert!(page * P < b.len());
+        // SAFETY: as in `touch`.
+        unsafe { b.host_ptr().add((page * P) as usize).read_volatile() }
+    }
+
+    #[test]
+    fn anon_dontneed_zeroes_and_rejects_bad_ranges() {
+        let b = AnonBacking::new(8 * P, false).unwrap();
+        for p in 0..8 {
+            touch(&b, p, 1 + p as u8);
+        }
+        b.release(2 * P, 2 * P, ReleaseMode::DontNeed).unwrap();
+        let got: Vec<u8> = (0..8).map(|p| read(&b, p)).collect();
+        assert_eq!(got, [1, 2, 0, 0, 5, 6, 7, 8]);
+        for (off, len) in [(0, 0), (1, P), (7 * P, 2 * P), (u64::MAX - P + 1, P)] {
+            assert!(matches!(
+                b.release(off, len, ReleaseMode::DontNeed),
+                Err(BackingError::OutOfRange { .. })
+            ));
+        }
+        assert!(matches!(
+            b.release(0, P, ReleaseMode::Remove),
+            Err(BackingError::Unsupported { .. })
+        ));
+        assert_eq!(read(&b, 0), 1, "a refused release must change nothing");
+    }
+
+    #[test]
+    fn memfd_remove_and_punch_hole_free_pages() {
+        let b = MemfdBacking::new("ebb-backing-test", 8 * P).unwrap();
+        for p in 0..8 {
+            touch(&b, p, 0x40 + p as u8);
+        }
+        b.release(P, P, ReleaseMode::Remove).unwrap();
+        b.release(5 * P, 2 * P, ReleaseMode::PunchHole).unwrap();
+        let mut res = Vec::new();
+        b.residency(0, 8 * P, &mut res).unwrap();
+        let res: Vec<u8> = res.iter().map(|r| r & 1).collect();
+        assert_eq!(res, [1, 0, 1, 1, 1, 0, 0, 1]);
+        let got: Vec<u8> = (0..8).map(|p| read(&b, p)).collect();
+        assert_eq!(got, [0x40, 0, 0x42, 0x43, 0x44, 0, 0, 0x47]);
+        assert!(matches!(
+            b.release(0, P, ReleaseMode::DontNeed),
+            Err(BackingError::Unsupported { .. })
+        ));
+    }
+}
