@@ -128,6 +128,10 @@ pub trait HostBacking: Send + Sync + fmt::Debug {
     fn residency(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), BackingError>;
 }
 
+/// Host mappings are aligned to 2 MiB, so that each 2 MiB guest block whose gpa is 2 MiB-aligned
+/// maps to exactly the host range one host PTE page covers.
+pub const HOST_ALIGN: u64 = 2 << 20;
+
 fn check(offset: u64, len: u64, size: u64) -> Result<(), BackingError> {
     let page = sys::HOST_PAGE_SIZE;
     let ok = len != 0
@@ -151,7 +155,7 @@ impl AnonBacking {
     /// Maps `len` bytes. With `thp == false` the range is marked `MADV_NOHUGEPAGE`, so every page
     /// is a 4 KiB page with its own PTE (what guest-mm's 4 KiB leaves describe).
     pub fn new(len: u64, thp: bool) -> Result<Self, BackingError> {
-        let map = Mapping::anonymous(len).map_err(BackingError::Create)?;
+        let map = Mapping::anonymous(len, HOST_ALIGN).map_err(BackingError::Create)?;
         let advice = if thp {
             Advice::HugePage
         } else {
@@ -215,7 +219,7 @@ impl MemfdBacking {
     /// Creates a memfd of `len` bytes named `name` and maps it shared.
     pub fn new(name: &str, len: u64) -> Result<Self, BackingError> {
         let fd = sys::memfd_create(name, len).map_err(BackingError::Create)?;
-        let map = Mapping::shared(&fd, len).map_err(BackingError::Create)?;
+        let map = Mapping::shared(&fd, len, HOST_ALIGN).map_err(BackingError::Create)?;
         Ok(Self { map, fd })
     }
 

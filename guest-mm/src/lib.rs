@@ -2,3 +2,4 @@
 
 pub mod sys;
 pub mod backing;
+pub mod uffd;

@@ -107,40 +107,87 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of private anonymous memory, read/write, without reserving swap.
-    pub fn anonymous(len: u64) -> Result<Self, SysError> {
-        let len = check_len(len)?;
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address cannot alias anything
-        // this process already uses; the result is checked for MAP_FAILED below.
-        let ptr = unsafe {
+    /// Maps `len` bytes of private anonymous memory, read/write, without reserving swap, at an
+    /// address aligned to `align` (a power of two, at least a page; e.g. 2 MiB so that each
+    /// 2 MiB block of the mapping is covered by exactly one host PTE page).
+    pub fn anonymous(len: u64, align: u64) -> Result<Self, SysError> {
+        Self::map_aligned(len, align, None, "mmap(anonymous)")
+    }
+
+    /// Maps `len` bytes of `fd` from offset 0, shared, read/write, at an address aligned to
+    /// `align`.
+    pub fn shared(fd: &OwnedFd, len: u64, align: u64) -> Result<Self, SysError> {
+        Self::map_aligned(len, align, Some(fd.as_raw_fd()), "mmap(shared)")
+    }
+
+    fn map_aligned(
+        len: u64,
+        align: u64,
+        fd: Option<RawFd>,
+        call: &'static str,
+    ) -> Result<Self, SysError> {
+        let ulen = check_len(len)?;
+        if !align.is_power_of_two() || align < HOST_PAGE_SIZE {
+            return Err(SysError::BadLength(align));
+        }
+        let slack = (align - HOST_PAGE_SIZE) as usize;
+        let total = ulen.checked_add(slack).ok_or(SysError::BadLength(len))?;
+        // SAFETY: a fresh inaccessible reservation at a kernel-chosen address; it aliases
+        // nothing this process uses. Checked for MAP_FAILED below.
+        let resv = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                total,
+                libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
         };
-        Self::from_raw(ptr, len, "mmap(anonymous)")
-    }
-
-    /// Maps `len` bytes of `fd` from offset 0, shared, read/write.
-    pub fn shared(fd: &OwnedFd, len: u64) -> Result<Self, SysError> {
-        let len = check_len(len)?;
-        // SAFETY: a fresh shared mapping of a file we hold open, at a kernel-chosen address, so it
-        // aliases nothing this process already uses; checked for MAP_FAILED below.
+        if resv == libc::MAP_FAILED {
+            return Err(last("mmap(reserve)"));
+        }
+        let base = resv as usize;
+        let aligned = base.next_multiple_of(align as usize);
+        let (flags, raw_fd) = match fd {
+            Some(fd) => (libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED, fd),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+            ),
+        };
+        // SAFETY: `aligned..aligned + len` lies inside the reservation made above (aligned -
+        // base <= slack), which this function owns and nothing else references, so MAP_FIXED
+        // replaces only our own inaccessible pages.
         let ptr = unsafe {
             libc::mmap(
-                std::ptr::null_mut(),
-                len,
+                aligned as *mut libc::c_void,
+                ulen,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
+                flags,
+                raw_fd,
                 0,
             )
         };
-        Self::from_raw(ptr, len, "mmap(shared)")
+        if ptr == libc::MAP_FAILED {
+            let err = last(call);
+            // SAFETY: unmaps exactly the reservation made above, which nothing references.
+            unsafe { libc::munmap(resv, total) };
+            return Err(err);
+        }
+        let head = aligned - base;
+        let tail = total - head - ulen;
+        // SAFETY: the head and tail are the unused parts of our own reservation, outside the
+        // mapping just created; nothing references them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(resv, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + ulen) as *mut libc::c_void, tail);
+            }
+        }
+        Self::from_raw(ptr, ulen, call)
     }
 
     fn from_raw(ptr: *mut libc::c_void, len: usize, call: &'static str) -> Result<Self, SysError> {
@@ -653,7 +700,7 @@ mod tests {
 
     #[test]
     fn mapping_rejects_ranges_outside() {
-        let m = Mapping::anonymous(4 * HOST_PAGE_SIZE).unwrap();
+        let m = Mapping::anonymous(4 * HOST_PAGE_SIZE, HOST_PAGE_SIZE).unwrap();
         for (off, len) in [
             (0, 0),
             (1, HOST_PAGE_SIZE),
@@ -671,7 +718,8 @@ mod tests {
 
     #[test]
     fn mincore_sees_touch_and_dontneed() {
-        let m = Mapping::anonymous(8 * HOST_PAGE_SIZE).unwrap();
+        let m = Mapping::anonymous(8 * HOST_PAGE_SIZE, 2 << 20).unwrap();
+        assert_eq!(m.as_ptr() as u64 % (2 << 20), 0);
         // SAFETY: offset 3 pages is inside the 8-page mapping; nothing else accesses it.
         unsafe { m.as_ptr().add(3 * 4096).write_volatile(7) };
         let mut v = Vec::new();
@@ -689,7 +737,7 @@ mod tests {
     #[test]
     fn memfd_punch_hole_frees_page_cache() {
         let fd = memfd_create("ebb-test", 4 * HOST_PAGE_SIZE).unwrap();
-        let m = Mapping::shared(&fd, 4 * HOST_PAGE_SIZE).unwrap();
+        let m = Mapping::shared(&fd, 4 * HOST_PAGE_SIZE, 2 << 20).unwrap();
         // SAFETY: page 1 is inside the mapping; nothing else accesses it.
         unsafe { m.as_ptr().add(4096).write_volatile(9) };
         let mut v = Vec::new();

@@ -33,7 +33,7 @@ fn wait_msg(u: &Userfaultfd) -> UffdMsg {
 #[test]
 fn fault_zeropage_copy_eexist() {
     let u = uffd();
-    let m = Mapping::anonymous(16 * PAGE).unwrap();
+    let m = Mapping::anonymous(16 * PAGE, PAGE).unwrap();
     let base = m.as_ptr() as u64;
     let ioctls = u.register_missing(base, 16 * PAGE).unwrap();
     assert_ne!(
@@ -99,7 +99,7 @@ fn fault_zeropage_copy_eexist() {
 #[test]
 fn remove_event_and_eagain_while_pending() {
     let u = uffd();
-    let m = Mapping::anonymous(16 * PAGE).unwrap();
+    let m = Mapping::anonymous(16 * PAGE, PAGE).unwrap();
     let base = m.as_ptr() as u64;
     u.register_missing(base, 16 * PAGE).unwrap();
     let src = vec![0u8; 4 * PAGE as usize];
