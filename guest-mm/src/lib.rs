@@ -5,9 +5,12 @@
 //! * [`tables`]: the four-level second-level tables, their locks, lock-free
 //!   lookup, epoch-deferred freeing and the reclaim strategies.
 
+pub mod backing;
 pub mod entry;
 pub mod range;
+pub mod sys;
 pub mod tables;
+pub mod uffd;
 
 pub use range::{BLOCK_SIZE, GPA_BITS, GpaRange, PAGE_SIZE, RangeError};
 pub use tables::{
