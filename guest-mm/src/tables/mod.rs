@@ -17,6 +17,8 @@ mod populate;
 mod reclaim;
 mod stats;
 mod sync;
+#[cfg(all(test, not(loom)))]
+mod tests;
 
 use thiserror::Error;
 
