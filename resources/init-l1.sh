@@ -1,0 +1,55 @@
+#!/bin/busybox sh
+# /init of the rig's L1 initramfs: loads KVM (irqbypass, kvm, kvm-amd), then runs the job that the
+# harness appended as a second cpio archive under /rig/job, and powers off. Serial protocol:
+#
+#   EBB-RIG-KVM ok npt=Y                      /dev/kvm is there (or EBB-RIG-ERROR ...)
+#   EBB-RIG-BEGIN                             the job starts; its stdout and stderr follow
+#   EBB-RIG-SAMPLE label=.. pid=.. comm=.. t_ms=.. VmRSS=.. VmPTE=.. SecPageTables=.. PageTables=..
+#   EBB-RIG-END status=N                      the job's exit status
+#   EBB-RIG-MEMINFO SecPageTables=N PageTables=N   (kB, after /proc/sys/vm/stat_refresh)
+#   EBB-RIG-DONE
+export PATH=/rig/bin:/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/pts /run
+mount -t devpts devpts /dev/pts 2>/dev/null
+
+rig_fail() {
+    echo "EBB-RIG-ERROR $*"
+    echo "EBB-RIG-DONE"
+    poweroff -f
+    exit 1
+}
+
+for m in irqbypass kvm kvm-amd; do
+    insmod "/lib/modules/$m.ko" || rig_fail "insmod $m failed"
+done
+[ -c /dev/kvm ] || rig_fail "no /dev/kvm after loading kvm-amd (does the CPU model have svm?)"
+echo "EBB-RIG-KVM ok npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
+
+[ -f /rig/job/cmd ] || rig_fail "no job: /rig/job/cmd missing (the harness appends it)"
+# shellcheck disable=SC1091
+[ -f /rig/job/env ] && . /rig/job/env
+export EBB_L2_KERNEL=/l2/bzImage EBB_L2_VMLINUX=/l2/vmlinux EBB_L2_INITRAMFS=/l2/initramfs.cpio
+export EBB_RIG_INPUTS=/rig/job/in EBB_RIG=nested
+cd /rig/job/in 2>/dev/null || cd /tmp
+
+echo "EBB-RIG-BEGIN"
+sh /rig/job/cmd </dev/null 2>&1 &
+job=$!
+sampler=""
+if [ -n "${RIG_SAMPLE_COMM:-}" ]; then
+    rig-sampler "$job" "$RIG_SAMPLE_COMM" "${RIG_SAMPLE_MS:-500}" &
+    sampler=$!
+fi
+wait "$job"
+rc=$?
+[ -n "$sampler" ] && kill "$sampler" 2>/dev/null
+echo "EBB-RIG-END status=$rc"
+echo 1 >/proc/sys/vm/stat_refresh 2>/dev/null
+echo "EBB-RIG-MEMINFO $(rig-meminfo)"
+echo "EBB-RIG-DONE"
+sync
+poweroff -f

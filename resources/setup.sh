@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Single entry point: installs the host tools the rig needs (when missing), builds the static guest
+# tools, fetches and verifies the pinned Debian packages, and builds the kernel images and both
+# initramfs archives. Fast when everything is already built; safe to run before every test run.
+#
+# Output: $CACHE/images/{bzImage,vmlinux,l2-initramfs.cpio,l1-initramfs.cpio,modules/,rig.env}
+# where CACHE is $EBB_CACHE, or target/ebb-cache in the repository (see docs/TESTING.md).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+HOST_PACKAGES=(qemu-system-x86 busybox-static xz-utils zstd cpio)
+
+install_host_packages() {
+    local missing=() p
+    for p in "${HOST_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$p")
+        fi
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    log "installing host packages: ${missing[*]}"
+    local sudo=()
+    [[ "$(id -u)" == 0 ]] || sudo=(sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    if ! "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
+        log "apt-get install failed; updating the package lists and trying again"
+        "${sudo[@]}" apt-get update -qq >&2
+        "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    fi
+}
+
+build_guest_tools() {
+    need_tool cargo
+    local target_dir="${CARGO_TARGET_DIR:-$REPO_DIR/target}"
+    log "building the static guest tools"
+    (cd "$REPO_DIR" && CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release -q -p guest-tools --target x86_64-unknown-linux-gnu)
+    GUEST_TOOLS="$target_dir/x86_64-unknown-linux-gnu/release/ebb-guest"
+    [[ -x "$GUEST_TOOLS" ]] || die "guest tools binary not found at $GUEST_TOOLS"
+}
+
+start=$(date +%s)
+install_host_packages
+need_tool apt-get dpkg-deb xz zstd cpio readelf strip qemu-system-x86_64
+build_guest_tools
+"$RES_DIR/fetch.sh"
+"$RES_DIR/build-l2.sh" "$GUEST_TOOLS"
+"$RES_DIR/build-l1.sh" "$GUEST_TOOLS"
+
+cat >"$OUT_DIR/rig.env.tmp" <<ENV
+# Written by resources/setup.sh: where the rig's images are.
+EBB_RIG_L1_KERNEL=$OUT_DIR/bzImage
+EBB_RIG_L1_INITRAMFS=$OUT_DIR/l1-initramfs.cpio
+EBB_L2_KERNEL=$OUT_DIR/bzImage
+EBB_L2_VMLINUX=$OUT_DIR/vmlinux
+EBB_L2_INITRAMFS=$OUT_DIR/l2-initramfs.cpio
+EBB_GUEST_TOOLS=$GUEST_TOOLS
+EBB_KERNEL_RELEASE=$(cat "$OUT_DIR/kernel-release")
+ENV
+mv "$OUT_DIR/rig.env.tmp" "$OUT_DIR/rig.env"
+log "ready in $(($(date +%s) - start)) s: $OUT_DIR/rig.env"
