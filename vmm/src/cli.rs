@@ -1,0 +1,92 @@
+//! Command-line parsing; every flag mirrors a field of the JSON config file.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{ConfigError, ConfigFile, VmConfig};
+
+/// ebb: a KVM microVM host that tracks every guest page in exact second-level tables.
+#[derive(Debug, Parser)]
+#[command(name = "ebb", version, about)]
+pub struct Cli {
+    /// Kernel image (bzImage or vmlinux ELF).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1-32).
+    #[arg(long)]
+    pub vcpus: Option<u64>,
+    /// Guest RAM in MiB.
+    #[arg(long = "memory-mib")]
+    pub memory_mib: Option<u64>,
+    /// Unix socket answering API requests.
+    #[arg(long = "api-sock")]
+    pub api_sock: Option<PathBuf>,
+    /// JSON file with the same fields; command-line flags override it.
+    #[arg(long = "config", alias = "config-file")]
+    pub config: Option<PathBuf>,
+    /// Do not track guest pages (plain anonymous memory, for comparison).
+    #[arg(long = "no-track")]
+    pub no_track: bool,
+    /// userfaultfd handler threads when tracking.
+    #[arg(long = "fault-threads")]
+    pub fault_threads: Option<u64>,
+}
+
+impl Cli {
+    /// Merges the config file (if any) with the flags and validates the result.
+    pub fn into_config(self) -> Result<VmConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let flags = ConfigFile {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            api_sock: self.api_sock,
+            track: self.no_track.then_some(false),
+            fault_threads: self.fault_threads,
+        };
+        VmConfig::validate(file.overlay(flags))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        let exe = std::env::current_exe().unwrap();
+        let cli = Cli::try_parse_from([
+            "ebb",
+            "--kernel",
+            exe.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "512",
+            "--no-track",
+        ])
+        .unwrap();
+        let c = cli.into_config().unwrap();
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory_mib, 512);
+        assert!(!c.track);
+    }
+
+    #[test]
+    fn non_numbers_are_refused_by_clap() {
+        assert!(Cli::try_parse_from(["ebb", "--vcpus", "-1"]).is_err());
+        assert!(Cli::try_parse_from(["ebb", "--memory-mib", "lots"]).is_err());
+    }
+}

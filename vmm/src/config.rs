@@ -1,0 +1,279 @@
+//! The validated description of one VM, from the command line or a JSON file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+
+/// Command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Why a VM description was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No kernel image was named.
+    #[error("no kernel given: pass --kernel PATH or set \"kernel\" in the config file")]
+    MissingKernel,
+    /// The kernel image cannot be opened.
+    #[error("kernel image {path} is not readable")]
+    KernelUnreadable {
+        /// The path that was given.
+        path: PathBuf,
+        /// The open error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd cannot be opened.
+    #[error("initrd {path} is not readable")]
+    InitrdUnreadable {
+        /// The path that was given.
+        path: PathBuf,
+        /// The open error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vCPU count is out of range.
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    BadVcpus(u64),
+    /// The memory size is out of range.
+    #[error("memory-mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
+    BadMemory(u64),
+    /// The command line has a NUL byte or is too long.
+    #[error("kernel command line is invalid: {0}")]
+    BadCmdline(&'static str),
+    /// The config file cannot be read.
+    #[error("config file {path} is not readable")]
+    FileUnreadable {
+        /// The path that was given.
+        path: PathBuf,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid JSON for a VM description.
+    #[error("config file {path} is malformed")]
+    FileMalformed {
+        /// The path that was given.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The fields of the JSON config file; every one is optional so that the command line
+/// can fill or override it.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Kernel image: bzImage or vmlinux ELF.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+    /// Number of vCPUs.
+    pub vcpus: Option<u64>,
+    /// Guest RAM in MiB.
+    pub memory_mib: Option<u64>,
+    /// Path of the API Unix socket.
+    pub api_sock: Option<PathBuf>,
+    /// Track every guest page in guest-mm (default true).
+    pub track: Option<bool>,
+    /// Number of userfaultfd handler threads when tracking.
+    pub fault_threads: Option<u64>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::FileUnreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config file text; `path` only names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|source| ConfigError::FileMalformed {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Fields set in `over` replace those in `self`.
+    pub fn overlay(self, over: ConfigFile) -> ConfigFile {
+        ConfigFile {
+            kernel: over.kernel.or(self.kernel),
+            initrd: over.initrd.or(self.initrd),
+            cmdline: over.cmdline.or(self.cmdline),
+            vcpus: over.vcpus.or(self.vcpus),
+            memory_mib: over.memory_mib.or(self.memory_mib),
+            api_sock: over.api_sock.or(self.api_sock),
+            track: over.track.or(self.track),
+            fault_threads: over.fault_threads.or(self.fault_threads),
+        }
+    }
+}
+
+/// A complete, checked VM description.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// API socket path.
+    pub api_sock: Option<PathBuf>,
+    /// Whether guest-mm tracks every guest page.
+    pub track: bool,
+    /// userfaultfd handler threads.
+    pub fault_threads: usize,
+}
+
+impl VmConfig {
+    /// Checks every field and fills defaults. Files are opened to prove they are readable.
+    pub fn validate(file: ConfigFile) -> Result<Self, ConfigError> {
+        let kernel = file.kernel.ok_or(ConfigError::MissingKernel)?;
+        std::fs::File::open(&kernel).map_err(|source| ConfigError::KernelUnreadable {
+            path: kernel.clone(),
+            source,
+        })?;
+        if let Some(initrd) = &file.initrd {
+            std::fs::File::open(initrd).map_err(|source| ConfigError::InitrdUnreadable {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+        let vcpus = file.vcpus.unwrap_or(1);
+        if vcpus == 0 || vcpus > u64::from(MAX_VCPUS) {
+            return Err(ConfigError::BadVcpus(vcpus));
+        }
+        let memory_mib = file.memory_mib.unwrap_or(256);
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            return Err(ConfigError::BadMemory(memory_mib));
+        }
+        let cmdline = file.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+        if cmdline.contains('\0') {
+            return Err(ConfigError::BadCmdline("it contains a NUL byte"));
+        }
+        if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::BadCmdline("it is longer than 64 KiB"));
+        }
+        let fault_threads = file.fault_threads.unwrap_or(2).clamp(1, 64) as usize;
+        Ok(VmConfig {
+            kernel,
+            initrd: file.initrd,
+            cmdline,
+            // The range check above keeps this lossless.
+            vcpus: vcpus as u8,
+            memory_mib,
+            api_sock: file.api_sock,
+            track: file.track.unwrap_or(true),
+            fault_threads,
+        })
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn existing_file() -> PathBuf {
+        std::env::current_exe().unwrap()
+    }
+
+    fn base() -> ConfigFile {
+        ConfigFile {
+            kernel: Some(existing_file()),
+            ..ConfigFile::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = VmConfig::validate(base()).unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.memory_mib, 256);
+        assert!(c.track);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let missing = ConfigFile::default();
+        assert!(matches!(
+            VmConfig::validate(missing),
+            Err(ConfigError::MissingKernel)
+        ));
+        let nofile = ConfigFile {
+            kernel: Some("/nonexistent/kernel".into()),
+            ..ConfigFile::default()
+        };
+        assert!(matches!(
+            VmConfig::validate(nofile),
+            Err(ConfigError::KernelUnreadable { .. })
+        ));
+        for vcpus in [0, 33, u64::MAX] {
+            let f = ConfigFile {
+                vcpus: Some(vcpus),
+                ..base()
+            };
+            assert!(matches!(VmConfig::validate(f), Err(ConfigError::BadVcpus(v)) if v == vcpus));
+        }
+        for mib in [0, 63, 3073, u64::MAX] {
+            let f = ConfigFile {
+                memory_mib: Some(mib),
+                ..base()
+            };
+            assert!(matches!(VmConfig::validate(f), Err(ConfigError::BadMemory(m)) if m == mib));
+        }
+        let nul = ConfigFile {
+            cmdline: Some("a\0b".into()),
+            ..base()
+        };
+        assert!(matches!(
+            VmConfig::validate(nul),
+            Err(ConfigError::BadCmdline(_))
+        ));
+    }
+
+    #[test]
+    fn file_parses_and_overlays() {
+        let text = r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 512, "track": false}"#;
+        let f = ConfigFile::parse(Path::new("x.json"), text).unwrap();
+        assert_eq!(f.vcpus, Some(2));
+        let cli = ConfigFile {
+            vcpus: Some(4),
+            ..ConfigFile::default()
+        };
+        let merged = f.overlay(cli);
+        assert_eq!(merged.vcpus, Some(4));
+        assert_eq!(merged.memory_mib, Some(512));
+        assert_eq!(merged.track, Some(false));
+        assert_eq!(merged.kernel.as_deref(), Some(Path::new("/k")));
+    }
+
+    #[test]
+    fn malformed_file_is_refused() {
+        for text in ["{", r#"{"vcpus": "two"}"#, r#"{"unknown": 1}"#, "[]"] {
+            assert!(matches!(
+                ConfigFile::parse(Path::new("x.json"), text),
+                Err(ConfigError::FileMalformed { .. })
+            ));
+        }
+    }
+}

@@ -1,0 +1,277 @@
+use std::sync::Mutex;
+
+use vm_memory::GuestAddress;
+
+use super::*;
+use crate::devices::virtio::ActivateError;
+
+#[derive(Default)]
+struct Record {
+    acked: u64,
+    activated: usize,
+    notified: Vec<usize>,
+    resets: usize,
+    config: [u8; 8],
+}
+
+struct Mock {
+    rec: Arc<Mutex<Record>>,
+    fail: bool,
+}
+
+impl VirtioDevice for Mock {
+    fn device_type(&self) -> u32 {
+        5
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256, 128]
+    }
+    fn device_features(&self) -> u64 {
+        0b101
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.rec.lock().unwrap().acked = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.rec.lock().unwrap().config;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cfg.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let mut r = self.rec.lock().unwrap();
+        for (i, b) in data.iter().enumerate() {
+            if let Some(slot) = usize::try_from(offset)
+                .ok()
+                .and_then(|o| r.config.get_mut(o + i))
+            {
+                *slot = *b;
+            }
+        }
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.fail {
+            return Err(ActivateError::Device("mock refuses".into()));
+        }
+        assert_eq!(ctx.queues.len(), 2);
+        ctx.interrupt.trigger(InterruptKind::Queue).unwrap();
+        self.rec.lock().unwrap().activated += 1;
+        Ok(())
+    }
+    fn queue_notify(&mut self, index: usize) {
+        self.rec.lock().unwrap().notified.push(index);
+    }
+    fn reset(&mut self) {
+        self.rec.lock().unwrap().resets += 1;
+    }
+}
+
+fn transport(fail: bool) -> (MmioTransport, Arc<Mutex<Record>>, EventFd) {
+    let rec = Arc::new(Mutex::new(Record::default()));
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let t = MmioTransport::new(
+        Box::new(Mock {
+            rec: rec.clone(),
+            fail,
+        }),
+        mem,
+        irq.try_clone().unwrap(),
+    )
+    .unwrap();
+    (t, rec, irq)
+}
+
+fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+fn set_up_queue(t: &mut MmioTransport, idx: u32, base: u64) {
+    w32(t, 0x30, idx);
+    w32(t, 0x38, 16);
+    w32(t, 0x80, base as u32);
+    w32(t, 0x84, 0);
+    w32(t, 0x90, (base + 0x1000) as u32);
+    w32(t, 0x94, 0);
+    w32(t, 0xa0, (base + 0x2000) as u32);
+    w32(t, 0xa4, 0);
+    w32(t, 0x44, 1);
+}
+
+fn negotiate(t: &mut MmioTransport) {
+    w32(t, 0x70, STATUS_ACKNOWLEDGE);
+    w32(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w32(t, 0x24, 0);
+    w32(t, 0x20, 0b001);
+    w32(t, 0x24, 1);
+    w32(t, 0x20, 1);
+    w32(
+        t,
+        0x70,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+}
+
+const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+#[test]
+fn identity_registers() {
+    let (mut t, _, _) = transport(false);
+    assert_eq!(r32(&mut t, 0x0), MAGIC);
+    assert_eq!(r32(&mut t, 0x4), 2);
+    assert_eq!(r32(&mut t, 0x8), 5);
+    assert_eq!(r32(&mut t, 0xc), VENDOR_ID);
+    assert_eq!(r32(&mut t, 0x10), 0b101);
+    w32(&mut t, 0x14, 1);
+    assert_eq!(r32(&mut t, 0x10), 1, "VERSION_1 is bit 32");
+    w32(&mut t, 0x14, 7);
+    assert_eq!(r32(&mut t, 0x10), 0);
+    w32(&mut t, 0x30, 1);
+    assert_eq!(r32(&mut t, 0x34), 128);
+    w32(&mut t, 0x30, 99);
+    assert_eq!(r32(&mut t, 0x34), 0);
+}
+
+#[test]
+fn full_negotiation_activates_and_notifies() {
+    let (mut t, rec, irq) = transport(false);
+    negotiate(&mut t);
+    assert_eq!(r32(&mut t, 0x70) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
+    assert_eq!(rec.lock().unwrap().acked, VIRTIO_F_VERSION_1 | 1);
+    set_up_queue(&mut t, 0, 0x10000);
+    set_up_queue(&mut t, 1, 0x20000);
+    w32(&mut t, 0x70, ALL_OK);
+    assert!(t.is_active());
+    assert_eq!(rec.lock().unwrap().activated, 1);
+    assert_eq!(irq.read().unwrap(), 1);
+    assert_eq!(r32(&mut t, 0x60), INT_USED_RING);
+    w32(&mut t, 0x64, INT_USED_RING);
+    assert_eq!(r32(&mut t, 0x60), 0);
+
+    // A notify write reaches the queue eventfd; the event loop then calls notify_queue.
+    w32(&mut t, QUEUE_NOTIFY_OFFSET, 1);
+    assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+    t.notify_queue(1);
+    t.notify_queue(7);
+    assert_eq!(rec.lock().unwrap().notified, vec![1]);
+    w32(&mut t, QUEUE_NOTIFY_OFFSET, 9);
+    assert_eq!(t.stats().refused_writes, 1);
+
+    // Queue set-up after DRIVER_OK is refused.
+    w32(&mut t, 0x30, 0);
+    w32(&mut t, 0x38, 8);
+    assert_eq!(t.stats().refused_writes, 2);
+
+    // Reset.
+    w32(&mut t, 0x70, 0);
+    assert!(!t.is_active());
+    assert_eq!(rec.lock().unwrap().resets, 1);
+    assert_eq!(r32(&mut t, 0x70), 0);
+    assert_eq!(r32(&mut t, 0x44), 0);
+}
+
+#[test]
+fn features_not_offered_or_without_version_1_are_refused() {
+    let (mut t, _, _) = transport(false);
+    w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w32(&mut t, 0x20, 0b010);
+    w32(&mut t, 0x24, 1);
+    w32(&mut t, 0x20, 1);
+    w32(
+        &mut t,
+        0x70,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    assert_eq!(r32(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+
+    let (mut t, _, _) = transport(false);
+    w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w32(&mut t, 0x20, 0b001);
+    w32(
+        &mut t,
+        0x70,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    assert_eq!(
+        r32(&mut t, 0x70) & STATUS_FEATURES_OK,
+        0,
+        "legacy drivers are refused"
+    );
+}
+
+#[test]
+fn driver_ok_without_valid_queues_needs_reset() {
+    let (mut t, rec, _) = transport(false);
+    negotiate(&mut t);
+    set_up_queue(&mut t, 0, 0x10000);
+    // Queue 1 points outside guest memory.
+    set_up_queue(&mut t, 1, 0xfff_0000);
+    w32(&mut t, 0x70, ALL_OK);
+    assert!(!t.is_active());
+    assert_ne!(r32(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_eq!(rec.lock().unwrap().activated, 0);
+    assert_eq!(t.stats().failed_activations, 1);
+}
+
+#[test]
+fn device_refusal_needs_reset() {
+    let (mut t, _, _) = transport(true);
+    negotiate(&mut t);
+    set_up_queue(&mut t, 0, 0x10000);
+    set_up_queue(&mut t, 1, 0x20000);
+    w32(&mut t, 0x70, ALL_OK);
+    assert!(!t.is_active());
+    assert_ne!(r32(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn bad_accesses_are_counted_not_fatal() {
+    let (mut t, _, _) = transport(false);
+    let mut two = [0u8; 2];
+    t.read(0x0, &mut two);
+    assert_eq!(two, [0, 0]);
+    t.write(0x70, &[1]);
+    w32(&mut t, 0x2, 1);
+    w32(&mut t, 0xf0, 1);
+    assert_eq!(r32(&mut t, 0xf8), 0);
+    assert_eq!(t.stats().bad_accesses, 5);
+    // Status bits cannot be cleared except by reset; queue sizes are checked.
+    w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w32(&mut t, 0x70, STATUS_ACKNOWLEDGE);
+    assert_eq!(r32(&mut t, 0x70), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w32(&mut t, 0x20, 1);
+    w32(&mut t, 0x24, 1);
+    w32(&mut t, 0x20, 1);
+    w32(
+        &mut t,
+        0x70,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    w32(&mut t, 0x30, 0);
+    w32(&mut t, 0x38, 3);
+    w32(&mut t, 0x38, 512);
+    w32(&mut t, 0x38, 0x1_0000);
+    assert_eq!(t.stats().refused_writes, 4);
+}
+
+#[test]
+fn config_space_passes_through() {
+    let (mut t, rec, _) = transport(false);
+    t.write(0x104, &[1, 2]);
+    assert_eq!(rec.lock().unwrap().config[4..6], [1, 2]);
+    let mut b = [0u8; 4];
+    t.read(0x104, &mut b);
+    assert_eq!(b, [1, 2, 0, 0]);
+    t.read(0xffc, &mut b);
+    assert_eq!(b, [0; 4]);
+}

@@ -1,0 +1,167 @@
+//! The KVM VM: capabilities, irqchip, PIT, memslot and vCPU creation.
+
+pub mod cpuid;
+pub mod regs;
+pub mod vcpu;
+
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+    kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::boot::BootEntry;
+use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use cpuid::CpuTopology;
+
+/// What failed while setting up KVM.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm")]
+    Open(#[source] kvm_ioctls::Error),
+    /// A capability ebb needs is missing.
+    #[error("KVM lacks the capability {0}")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM {0} failed")]
+    Ioctl(&'static str, #[source] kvm_ioctls::Error),
+    /// Boot register state could not be built.
+    #[error("cannot prepare the boot vCPU")]
+    Regs(#[from] regs::RegsError),
+}
+
+/// An open VM with its supported CPUID table.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    cpuid: CpuId,
+    tsc_deadline: bool,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates a VM with an in-kernel irqchip and PIT.
+    pub fn new() -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "IRQCHIP"),
+            (Cap::Ioeventfd, "IOEVENTFD"),
+            (Cap::Irqfd, "IRQFD"),
+            (Cap::UserMemory, "USER_MEMORY"),
+            (Cap::SetTssAddr, "SET_TSS_ADDR"),
+            (Cap::Pit2, "PIT2"),
+            (Cap::ExtCpuid, "EXT_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(name));
+            }
+        }
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| KvmError::Ioctl("GET_SUPPORTED_CPUID", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| KvmError::Ioctl("CREATE_VM", e))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(|e| KvmError::Ioctl("SET_TSS_ADDR", e))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| KvmError::Ioctl("SET_IDENTITY_MAP_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| KvmError::Ioctl("CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| KvmError::Ioctl("CREATE_PIT2", e))?;
+        Ok(Vm {
+            kvm,
+            fd,
+            cpuid,
+            tsc_deadline,
+        })
+    }
+
+    /// The VM file descriptor (for irqfds and ioeventfds).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Registers guest RAM as memslot 0 at guest-physical 0.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr+size` must be a mapping that stays valid while the VM exists.
+    pub unsafe fn add_ram(&self, host_addr: u64, size: u64) -> Result<(), KvmError> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: host_addr,
+            flags: 0,
+        };
+        // SAFETY: the caller guarantees the host range outlives the VM.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| KvmError::Ioctl("SET_USER_MEMORY_REGION", e))
+    }
+
+    /// Creates and configures vCPU `index` of `count`; the boot vCPU (0) gets `entry`.
+    pub fn create_vcpu(
+        &self,
+        index: u8,
+        count: u8,
+        mem: &GuestMemoryMmap,
+        entry: BootEntry,
+    ) -> Result<VcpuFd, KvmError> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|e| KvmError::Ioctl("CREATE_VCPU", e))?;
+        let mut cpuid = self.cpuid.clone();
+        cpuid::adjust(
+            cpuid.as_mut_slice(),
+            CpuTopology {
+                apic_id: index,
+                count,
+                tsc_deadline: self.tsc_deadline,
+            },
+        );
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| KvmError::Ioctl("SET_CPUID2", e))?;
+        let msrs = regs::boot_msrs()?;
+        let written = fd
+            .set_msrs(&msrs)
+            .map_err(|e| KvmError::Ioctl("SET_MSRS", e))?;
+        if written != msrs.as_slice().len() {
+            log::warn!(
+                "KVM accepted {written} of {} boot MSRs",
+                msrs.as_slice().len()
+            );
+        }
+        fd.set_fpu(&regs::boot_fpu())
+            .map_err(|e| KvmError::Ioctl("SET_FPU", e))?;
+        let mut lapic = fd
+            .get_lapic()
+            .map_err(|e| KvmError::Ioctl("GET_LAPIC", e))?;
+        regs::set_lint(&mut lapic)?;
+        fd.set_lapic(&lapic)
+            .map_err(|e| KvmError::Ioctl("SET_LAPIC", e))?;
+        if index == 0 {
+            let mut sregs = fd
+                .get_sregs()
+                .map_err(|e| KvmError::Ioctl("GET_SREGS", e))?;
+            regs::setup_long_mode(mem, &mut sregs)?;
+            fd.set_sregs(&sregs)
+                .map_err(|e| KvmError::Ioctl("SET_SREGS", e))?;
+            fd.set_regs(&regs::boot_regs(entry.rip, entry.zero_page))
+                .map_err(|e| KvmError::Ioctl("SET_REGS", e))?;
+        }
+        Ok(fd)
+    }
+
+    /// Largest vCPU count KVM recommends.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_nr_vcpus()
+    }
+}

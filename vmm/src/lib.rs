@@ -1,0 +1,20 @@
+//! ebb: a KVM microVM host whose guest memory is tracked page by page in guest-mm's
+//! second-level tables.
+//!
+//! The binary `ebb` is a thin wrapper over [`vmm::run`]. The modules are public so that
+//! device crates (the balloon) can be wired in through [`devices::virtio::VirtioDevice`].
+
+pub mod acpi;
+pub mod api;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod event_loop;
+pub mod kvm;
+pub mod layout;
+pub mod logger;
+pub mod memory;
+pub mod report;
+pub mod vmm;

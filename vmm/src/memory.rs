@@ -1,0 +1,201 @@
+//! Guest RAM: one host mapping, seen by KVM as a memslot and by devices and loaders through
+//! vm-memory.
+//!
+//! This is the only module of `vmm` that maps memory. The mapping is created once and kept
+//! until the process exits, so every `GuestMemoryMmap` clone handed to a device stays valid.
+
+use std::ptr::NonNull;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Why guest RAM could not be set up or inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap of the guest RAM failed.
+    #[error("cannot map {bytes} bytes of guest RAM")]
+    Map {
+        /// Requested size.
+        bytes: u64,
+        /// The mmap error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vm-memory refused the mapping.
+    #[error("cannot describe guest RAM to vm-memory: {0}")]
+    Region(String),
+    /// mincore failed.
+    #[error("cannot query residency of guest RAM")]
+    Mincore(#[source] std::io::Error),
+}
+
+/// The host mapping that backs guest RAM at guest-physical address 0.
+pub struct GuestRam {
+    host: NonNull<u8>,
+    size: usize,
+    mem: GuestMemoryMmap,
+}
+
+// SAFETY: `host` points to a process-lifetime shared mapping; the pointer itself is only
+// read, and all accesses to the memory go through vm-memory's volatile accessors or KVM.
+unsafe impl Send for GuestRam {}
+// SAFETY: as for `Send`: no interior state is mutated through `&GuestRam`.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps `size` bytes of anonymous private memory (not reserved up front).
+    pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
+        let len = usize::try_from(size).map_err(|_| MemoryError::Map {
+            bytes: size,
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        // SAFETY: a fresh anonymous mapping with no address hint; it aliases nothing and the
+        // result is checked before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                bytes: size,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let host = NonNull::new(addr.cast::<u8>()).ok_or(MemoryError::Map {
+            bytes: size,
+            source: std::io::Error::from_raw_os_error(libc::EFAULT),
+        })?;
+        // SAFETY: `host`/`len` is the mapping just created; it is never unmapped, so it
+        // outlives every region built from it.
+        unsafe { Self::from_raw(host, len) }
+    }
+
+    /// Wraps an existing mapping of `size` bytes at `host` as guest RAM at address 0.
+    ///
+    /// # Safety
+    /// `host..host+size` must be a readable and writable mapping that stays mapped for the
+    /// rest of the process's life.
+    pub unsafe fn from_raw(host: NonNull<u8>, size: usize) -> Result<Self, MemoryError> {
+        // SAFETY: the caller guarantees the range is a live mapping for the process lifetime.
+        let region = unsafe {
+            MmapRegion::build_raw(
+                host.as_ptr(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            )
+        }
+        .map_err(|e| MemoryError::Region(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| MemoryError::Region("region end overflows".to_owned()))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| MemoryError::Region(e.to_string()))?;
+        Ok(GuestRam { host, size, mem })
+    }
+
+    /// The vm-memory view used by loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Host address of guest-physical 0 (for the KVM memslot).
+    pub fn host_addr(&self) -> u64 {
+        self.host.as_ptr() as u64
+    }
+
+    /// Size of guest RAM in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Counts the 4 KiB pages of guest RAM that are resident in the host.
+    pub fn resident_pages(&self) -> Result<u64, MemoryError> {
+        const CHUNK: usize = 1 << 30;
+        let mut vec = vec![0u8; CHUNK >> 12];
+        let mut count = 0u64;
+        let mut off = 0usize;
+        while off < self.size {
+            let len = (self.size - off).min(CHUNK);
+            // SAFETY: `off..off+len` lies inside the live guest mapping and `vec` has one
+            // byte for each of its `len / 4096` pages.
+            let rc = unsafe {
+                libc::mincore(
+                    self.host.as_ptr().add(off).cast(),
+                    len,
+                    vec.as_mut_ptr().cast(),
+                )
+            };
+            if rc != 0 {
+                return Err(MemoryError::Mincore(std::io::Error::last_os_error()));
+            }
+            count += vec[..len.div_ceil(4096)]
+                .iter()
+                .filter(|b| **b & 1 != 0)
+                .count() as u64;
+            off += len;
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn anonymous_ram_is_usable_and_residency_counts() {
+        let ram = GuestRam::anonymous(16 << 20).unwrap();
+        assert_eq!(ram.size(), 16 << 20);
+        assert_eq!(ram.resident_pages().unwrap(), 0);
+        for page in 0..10u64 {
+            ram.memory()
+                .write_obj(0xabu8, GuestAddress(page * 4096))
+                .unwrap();
+        }
+        assert_eq!(ram.resident_pages().unwrap(), 10);
+        assert!(ram.memory().write_obj(1u8, GuestAddress(16 << 20)).is_err());
+    }
+}
+
+/// Guest RAM plus, when tracking is on, the guest-mm fault path over it.
+pub struct VmMemory {
+    ram: GuestRam,
+}
+
+impl VmMemory {
+    /// Sets up guest RAM for `config`.
+    pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
+        let ram = GuestRam::anonymous(config.memory_bytes())?;
+        Ok(VmMemory { ram })
+    }
+
+    /// Host address of guest-physical 0.
+    pub fn host_addr(&self) -> u64 {
+        self.ram.host_addr()
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn size(&self) -> usize {
+        self.ram.size()
+    }
+
+    /// The vm-memory view.
+    pub fn vm_memory(&self) -> &GuestMemoryMmap {
+        self.ram.memory()
+    }
+
+    /// Current memory figures.
+    pub fn report(&self) -> Result<crate::report::MemoryReport, MemoryError> {
+        Ok(crate::report::MemoryReport {
+            guest_bytes: self.ram.size() as u64,
+            resident_pages: self.ram.resident_pages()?,
+            tracked: None,
+        })
+    }
+}

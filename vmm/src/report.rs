@@ -1,0 +1,122 @@
+//! The memory report printed at exit and served by the API.
+
+use serde::Serialize;
+
+/// Figures from guest-mm's second-level tables.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct TrackStats {
+    /// 4 KiB leaves.
+    pub leaves_4k: u64,
+    /// 2 MiB leaves.
+    pub leaves_2m: u64,
+    /// Table pages per level: PT, PD, PDPT, PML4.
+    pub tables: [u64; 4],
+    /// Bytes of table pages.
+    pub table_bytes: u64,
+    /// Smallest table bytes that can map the current leaves.
+    pub min_table_bytes: u64,
+    /// Guest page faults resolved by the userfaultfd handlers.
+    pub faults: u64,
+}
+
+/// Everything the report says.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Guest RAM size in bytes.
+    pub guest_bytes: u64,
+    /// 4 KiB pages of guest RAM resident in the host (mincore).
+    pub resident_pages: u64,
+    /// Tracking figures, if tracking is on.
+    pub tracked: Option<TrackStats>,
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+impl MemoryReport {
+    /// Pages covered by the leaves, in 4 KiB units.
+    pub fn leaf_pages(&self) -> Option<u64> {
+        self.tracked.map(|t| t.leaves_4k + 512 * t.leaves_2m)
+    }
+
+    /// The one-screen text form.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str("---- ebb memory report ----\n");
+        s.push_str(&format!(
+            "guest RAM:            {:>10.1} MiB\n",
+            mib(self.guest_bytes)
+        ));
+        s.push_str(&format!(
+            "touched (resident):   {:>10.1} MiB  ({} pages of 4 KiB)\n",
+            mib(self.resident_pages * 4096),
+            self.resident_pages
+        ));
+        match &self.tracked {
+            None => s.push_str("tracking:             off (--no-track)\n"),
+            Some(t) => {
+                let leaf_pages = t.leaves_4k + 512 * t.leaves_2m;
+                s.push_str(&format!(
+                    "leaves:               {:>10} x 4 KiB + {} x 2 MiB = {:.1} MiB\n",
+                    t.leaves_4k,
+                    t.leaves_2m,
+                    mib(leaf_pages * 4096)
+                ));
+                s.push_str(&format!(
+                    "table pages:          PT {} | PD {} | PDPT {} | PML4 {}\n",
+                    t.tables[0], t.tables[1], t.tables[2], t.tables[3]
+                ));
+                let verdict = if t.table_bytes == t.min_table_bytes {
+                    "(minimal)"
+                } else {
+                    "(above minimum)"
+                };
+                s.push_str(&format!(
+                    "table bytes:          {:>10}  minimum {} {}\n",
+                    t.table_bytes, t.min_table_bytes, verdict
+                ));
+                s.push_str(&format!("faults handled:       {:>10}\n", t.faults));
+                let cover = if leaf_pages >= self.resident_pages {
+                    "yes"
+                } else {
+                    "NO"
+                };
+                s.push_str(&format!(
+                    "leaves cover touched: {:>10}  ({} leaf pages vs {} resident)\n",
+                    cover, leaf_pages, self.resident_pages
+                ));
+            }
+        }
+        s.push_str("---------------------------");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_tracked_and_untracked() {
+        let mut r = MemoryReport {
+            guest_bytes: 256 << 20,
+            resident_pages: 1000,
+            tracked: None,
+        };
+        assert!(r.render().contains("off"));
+        assert_eq!(r.leaf_pages(), None);
+        r.tracked = Some(TrackStats {
+            leaves_4k: 1000,
+            tables: [2, 1, 1, 1],
+            table_bytes: 5 * 4096,
+            min_table_bytes: 5 * 4096,
+            faults: 1000,
+            ..TrackStats::default()
+        });
+        let text = r.render();
+        assert!(text.contains("(minimal)"));
+        assert!(text.contains("yes"));
+        assert!(text.lines().count() < 24, "fits one screen");
+    }
+}

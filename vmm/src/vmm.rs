@@ -1,0 +1,282 @@
+//! Builds a VM from a [`VmConfig`], runs it to completion and reports.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, VirtioMmioSlot};
+use crate::api::{ApiHandler, ApiResponse, ApiServer};
+use crate::boot;
+use crate::config::VmConfig;
+use crate::control::{ExitReason, VmControl};
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::power::{AcpiPower, I8042};
+use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
+use crate::event_loop::{
+    self, SignalWatcher, StdinInput, StopWatcher, Subscriber, VirtioQueueEvents,
+};
+use crate::kvm::vcpu::{self, Vcpu, VcpuStats};
+use crate::kvm::{KvmError, Vm};
+use crate::layout::{
+    ACPI_SLEEP_CONTROL_PORT, COM1_PORT, I8042_DATA_PORT, IRQ_MAX, SERIAL_IRQ, VIRTIO_IRQ_BASE,
+    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
+use crate::memory::{MemoryError, VmMemory};
+use crate::report::MemoryReport;
+
+/// What stopped the VM from being built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Guest memory.
+    #[error("guest memory set-up failed")]
+    Memory(#[from] MemoryError),
+    /// KVM.
+    #[error("KVM set-up failed")]
+    Kvm(#[from] KvmError),
+    /// Loading the kernel.
+    #[error("cannot load the guest")]
+    Boot(#[from] boot::BootError),
+    /// ACPI.
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
+    /// Event loop.
+    #[error("event loop set-up failed")]
+    EventLoop(#[from] event_loop::EventLoopError),
+    /// API socket.
+    #[error("API socket set-up failed")]
+    Api(#[from] crate::api::ApiError),
+    /// Device wiring.
+    #[error("cannot wire device {0}")]
+    Device(&'static str, #[source] std::io::Error),
+    /// Too many virtio devices for the IOAPIC.
+    #[error("too many virtio devices ({0})")]
+    TooManyDevices(usize),
+    /// A thread could not be started.
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The result of a run.
+pub struct RunOutcome {
+    /// Why the VM stopped.
+    pub reason: ExitReason,
+    /// Memory figures at stop.
+    pub report: MemoryReport,
+    /// Time from start to stop.
+    pub elapsed: Duration,
+    /// Per-vCPU counters.
+    pub vcpu_stats: Vec<VcpuStats>,
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |e| VmmError::Device(what, e)
+}
+
+fn kvm_io(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |e| VmmError::Device(what, std::io::Error::from_raw_os_error(e.errno()))
+}
+
+struct StatusHandler {
+    config: VmConfig,
+    memory: Arc<VmMemory>,
+    started: Instant,
+    control: Arc<VmControl>,
+}
+
+impl ApiHandler for StatusHandler {
+    fn handle(&mut self, method: &str, path: &str, _body: &[u8]) -> ApiResponse {
+        match (method, path) {
+            ("GET", "/" | "/vm") => {
+                let report = self.memory.report();
+                ApiResponse::ok(serde_json::json!({
+                    "state": if self.control.should_stop() { "stopping" } else { "running" },
+                    "uptime_ms": self.started.elapsed().as_millis() as u64,
+                    "config": self.config,
+                    "memory": report.ok(),
+                }))
+            }
+            (_, "/" | "/vm") => ApiResponse::error(405, "only GET is supported here"),
+            _ => ApiResponse::error(404, "no such endpoint"),
+        }
+    }
+}
+
+/// Builds and runs the VM described by `config` with extra virtio `devices`.
+pub fn run(config: VmConfig, devices: Vec<Box<dyn VirtioDevice>>) -> Result<RunOutcome, VmmError> {
+    let started = Instant::now();
+    let control = Arc::new(VmControl::new().map_err(io("stop eventfd"))?);
+    // Before any thread exists, so every thread inherits the blocked mask.
+    let signal_fd = event_loop::block_stop_signals()?;
+
+    let memory = Arc::new(VmMemory::new(&config)?);
+    let vm = Vm::new()?;
+    // SAFETY: guest RAM is mapped for the rest of the process's life (see `memory`).
+    unsafe { vm.add_ram(memory.host_addr(), memory.size() as u64)? };
+    let mem = memory.vm_memory().clone();
+
+    let entry = boot::load_linux(
+        &mem,
+        memory.size() as u64,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &config.cmdline,
+    )?;
+
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io("serial irq"))?;
+    vm.fd()
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(kvm_io("serial irqfd"))?;
+    let console = ConsoleOut::new(Box::new(std::io::stdout()), control.clone());
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    let bus_err = |what: &'static str| {
+        move |e: crate::devices::bus::BusError| VmmError::Device(what, std::io::Error::other(e))
+    };
+    pio.insert(serial.clone(), u64::from(COM1_PORT), 8)
+        .map_err(bus_err("COM1"))?;
+    let power: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(AcpiPower::new(control.clone())));
+    pio.insert(power, u64::from(ACPI_SLEEP_CONTROL_PORT), 3)
+        .map_err(bus_err("ACPI power"))?;
+    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(control.clone())));
+    pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)
+        .map_err(bus_err("i8042"))?;
+
+    let max_devices = (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize;
+    if devices.len() > max_devices {
+        return Err(VmmError::TooManyDevices(devices.len()));
+    }
+    let mut transports = Vec::new();
+    let mut slots = Vec::new();
+    for (i, device) in devices.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + i as u32;
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio irq"))?;
+        vm.fd()
+            .register_irqfd(&irq_evt, irq)
+            .map_err(kvm_io("virtio irqfd"))?;
+        let transport = MmioTransport::new(device, mem.clone(), irq_evt)
+            .map_err(|e| VmmError::Device("virtio-mmio", std::io::Error::other(e)))?;
+        for (q, evt) in transport.queue_events().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_io("virtio ioeventfd"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, WINDOW_SIZE)
+            .map_err(bus_err("virtio-mmio"))?;
+        transports.push(transport);
+        slots.push(VirtioMmioSlot {
+            base: base as u32,
+            len: WINDOW_SIZE as u32,
+            irq,
+        });
+    }
+    let tables = acpi::build_tables(config.vcpus, &slots)?;
+    acpi::write_tables(&mem, &tables)?;
+
+    vcpu::install_kick_handler()
+        .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+    let mut vcpus = Vec::new();
+    for index in 0..config.vcpus {
+        let fd = vm.create_vcpu(index, config.vcpus, &mem, entry)?;
+        vcpus.push(Vcpu::new(
+            index,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            control.clone(),
+        ));
+    }
+
+    let mut manager: EventManager<Subscriber> =
+        EventManager::new().map_err(event_loop::EventLoopError::Manager)?;
+    manager.add_subscriber(Box::new(StopWatcher::new(control.clone())));
+    manager.add_subscriber(Box::new(SignalWatcher::new(signal_fd, control.clone())));
+    manager.add_subscriber(Box::new(StdinInput::new(serial.clone())));
+    manager.add_subscriber(Box::new(VirtioQueueEvents::new(transports)));
+    if let Some(path) = &config.api_sock {
+        let handler = StatusHandler {
+            config: config.clone(),
+            memory: memory.clone(),
+            started,
+            control: control.clone(),
+        };
+        manager.add_subscriber(Box::new(ApiServer::bind(path, Box::new(handler))?));
+    }
+
+    let mut handles = Vec::new();
+    for v in vcpus {
+        match v.spawn() {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                control.request_stop(ExitReason::HostError(format!("cannot start vCPU: {e}")));
+                break;
+            }
+        }
+    }
+
+    let mut panic_since: Option<Instant> = None;
+    while !control.should_stop() {
+        if let Err(e) = manager.run_with_timeout(100) {
+            control.request_stop(ExitReason::HostError(format!("event loop: {e:?}")));
+        }
+        // A printed panic with panic=0 leaves the guest spinning: give it a second to
+        // print its trace and reboot, then stop.
+        if control.panic_seen() {
+            let since = *panic_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                control.request_stop(ExitReason::GuestPanic);
+            }
+        }
+    }
+
+    let vcpu_stats = stop_vcpus(handles);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let report = memory.report()?;
+    let reason = control
+        .reason()
+        .unwrap_or(ExitReason::HostError("stopped without a reason".into()));
+    Ok(RunOutcome {
+        reason,
+        report,
+        elapsed: started.elapsed(),
+        vcpu_stats,
+    })
+}
+
+/// Kicks every vCPU out of KVM_RUN until its thread ends.
+fn stop_vcpus(handles: Vec<JoinHandle<VcpuStats>>) -> Vec<VcpuStats> {
+    let mut stats = Vec::new();
+    for h in handles {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !h.is_finished() && Instant::now() < deadline {
+            // SAFETY: the thread has not been joined, so its pthread_t is valid; the kick
+            // signal has a handler installed that does nothing.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), vcpu::kick_signal()) };
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if h.is_finished() {
+            if let Ok(s) = h.join() {
+                stats.push(s);
+            }
+        } else {
+            log::warn!("a vCPU thread did not stop within 5 s");
+        }
+    }
+    stats
+}
