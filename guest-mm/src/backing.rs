@@ -135,8 +135,8 @@ pub const HOST_ALIGN: u64 = 2 << 20;
 fn check(offset: u64, len: u64, size: u64) -> Result<(), BackingError> {
     let page = sys::HOST_PAGE_SIZE;
     let ok = len != 0
-        && offset % page == 0
-        && len % page == 0
+        && offset.is_multiple_of(page)
+        && len.is_multiple_of(page)
         && offset.checked_add(len).is_some_and(|end| end <= size);
     if ok {
         Ok(())

@@ -7,6 +7,7 @@
 
 pub mod backing;
 pub mod entry;
+pub mod manager;
 pub mod range;
 pub mod sys;
 pub mod tables;

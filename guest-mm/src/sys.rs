@@ -56,7 +56,7 @@ fn last(call: &'static str) -> SysError {
 }
 
 fn check_len(len: u64) -> Result<usize, SysError> {
-    if len == 0 || len % HOST_PAGE_SIZE != 0 {
+    if len == 0 || !len.is_multiple_of(HOST_PAGE_SIZE) {
         return Err(SysError::BadLength(len));
     }
     usize::try_from(len).map_err(|_| SysError::BadLength(len))
@@ -221,8 +221,8 @@ impl Mapping {
     pub fn checked_range(&self, offset: u64, len: u64) -> Result<*mut u8, SysError> {
         let size = self.len as u64;
         let ok = len != 0
-            && offset % HOST_PAGE_SIZE == 0
-            && len % HOST_PAGE_SIZE == 0
+            && offset.is_multiple_of(HOST_PAGE_SIZE)
+            && len.is_multiple_of(HOST_PAGE_SIZE)
             && offset.checked_add(len).is_some_and(|end| end <= size);
         if !ok {
             return Err(SysError::OutOfRange { offset, len, size });
@@ -706,7 +706,7 @@ mod tests {
             (1, HOST_PAGE_SIZE),
             (0, 5 * HOST_PAGE_SIZE),
             (4 * HOST_PAGE_SIZE, HOST_PAGE_SIZE),
-            (u64::MAX & !(HOST_PAGE_SIZE - 1), 2 * HOST_PAGE_SIZE),
+            (!(HOST_PAGE_SIZE - 1), 2 * HOST_PAGE_SIZE),
         ] {
             assert!(matches!(
                 m.madvise(off, len, Advice::DontNeed),

@@ -44,9 +44,10 @@ pub(super) fn run<R: FaultResolver + ?Sized>(
         if ready[2] {
             ctl.kick.drain();
         }
+        // Odd while this handler holds messages it has taken (from the uffd or the retry
+        // queue) and not yet settled (see HandlerControl::quiesce).
+        seq.fetch_add(1, Ordering::AcqRel);
         if ready[0] {
-            // Odd while read messages are not yet handed over (see HandlerControl::quiesce).
-            seq.fetch_add(1, Ordering::AcqRel);
             let n = match uffd.read_msgs(&mut buf) {
                 Ok(n) => n,
                 Err(e) => {
@@ -59,7 +60,6 @@ pub(super) fn run<R: FaultResolver + ?Sized>(
             for msg in &buf[..n] {
                 dispatch(msg, uffd, ctl, resolver, &mut again);
             }
-            seq.fetch_add(1, Ordering::AcqRel);
         }
         // Revisit deferred faults once per wake-up (never in a loop of their own).
         {
@@ -75,6 +75,7 @@ pub(super) fn run<R: FaultResolver + ?Sized>(
             let mut q = ctl.retry.lock().unwrap_or_else(|e| e.into_inner());
             q.append(&mut again);
         }
+        seq.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -131,10 +131,10 @@ impl HandlerControl {
 
     /// Wakes the handlers so that they retry deferred faults now (cheap when none is deferred).
     pub fn kick(&self) {
-        if self.retry_len() > 0 {
-            if let Err(e) = self.kick.signal() {
-                log::warn!("waking fault handlers failed: {e}");
-            }
+        if self.retry_len() > 0
+            && let Err(e) = self.kick.signal()
+        {
+            log::warn!("waking fault handlers failed: {e}");
         }
     }
 
@@ -158,6 +158,25 @@ impl HandlerControl {
                     }
                 }
             }
+        }
+    }
+
+    /// Waits until no fault is deferred and no handler holds an unsettled message, or until
+    /// `timeout` passes; returns whether it got there. For tests and orderly shutdown: with
+    /// vCPUs still faulting, "settled" lasts only an instant.
+    pub fn settle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.retry_len() == 0 {
+                self.quiesce();
+                if self.retry_len() == 0 {
+                    return true;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(std::time::Duration::from_micros(200));
         }
     }
 

@@ -1,0 +1,233 @@
+//! Discard and reclaim: clear leaves, free tables, release host memory in few, large,
+//! 2 MiB-aligned-where-possible calls.
+//!
+//! Protocol (see docs/DESIGN-guest-mm.md, "Fault path"):
+//! 1. mark every 2 MiB block the request touches as "discarding" (faults there are deferred);
+//! 2. clear the leaves (`Tables::discard`, which frees emptied tables synchronously), or mark
+//!    them lazy in `MADV_FREE` mode;
+//! 3. note the host ranges as in flight, release them, then wait for the handlers to have
+//!    classified the REMOVE events those calls produced (`quiesce`) and forget them;
+//! 4. unmark the blocks and kick the handlers so deferred faults are retried.
+//!
+//! No lock is held across step 3: the madvise waits for a handler to read its REMOVE event,
+//! and handlers never wait for a discard.
+
+use std::sync::atomic::Ordering;
+
+use super::region::merge_runs;
+use super::{GuestMm, Inner, ManagerError};
+use crate::range::{BLOCK_SIZE, GpaRange};
+use crate::tables::LEVELS;
+
+/// What one discard (or reclaim) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiscardSummary {
+    /// 4 KiB pages whose leaves were cleared.
+    pub pages_cleared: u64,
+    /// Leaves marked lazy (`MADV_FREE` mode).
+    pub pages_lazy: u64,
+    /// Host bytes covered by release calls.
+    pub host_bytes_released: u64,
+    /// Release calls made.
+    pub release_calls: u64,
+    /// Tables freed per level (0 = PT .. 3 = PML4).
+    pub tables_freed: [u64; LEVELS],
+    /// 2 MiB blocks released whole because their PT table was freed.
+    pub blocks_released: u64,
+}
+
+impl GuestMm {
+    /// Discards `range`: clears its leaves, frees emptied tables, releases the host memory.
+    /// The range must lie inside one region.
+    pub fn discard(&self, range: GpaRange) -> Result<DiscardSummary, ManagerError> {
+        self.discard_many(&[range])
+    }
+
+    /// Discards several ranges as one request (e.g. one balloon buffer of 256 pages): each
+    /// must lie inside one region; all are validated before anything changes, and the host
+    /// release calls for all of them are merged.
+    pub fn discard_many(&self, ranges: &[GpaRange]) -> Result<DiscardSummary, ManagerError> {
+        self.inner.release_ranges(ranges, Op::Discard)
+    }
+
+    /// The explicit sweep: frees tables in `range` left empty by other paths (e.g. with
+    /// `Strategy::Off`, or after foreign remove events) and releases each freed PT table's
+    /// 2 MiB block whole, so the host frees its PTE page too.
+    pub fn reclaim(&self, range: GpaRange) -> Result<DiscardSummary, ManagerError> {
+        self.inner.release_ranges(&[range], Op::Reclaim)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Discard,
+    Reclaim,
+}
+
+impl Inner {
+    fn release_ranges(&self, ranges: &[GpaRange], op: Op) -> Result<DiscardSummary, ManagerError> {
+        // Validate everything first: a refused request changes nothing.
+        let mut regions = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let region = self.region_of(r)?;
+            let idx = self
+                .regions
+                .iter()
+                .position(|x| std::ptr::eq(x, region))
+                .unwrap_or(0);
+            regions.push(idx);
+        }
+        for (r, &i) in ranges.iter().zip(&regions) {
+            self.regions[i].mark(r, true);
+        }
+        let res = self.release_marked(ranges, &regions, op);
+        for (r, &i) in ranges.iter().zip(&regions) {
+            self.regions[i].mark(r, false);
+        }
+        if let Some(c) = &self.control {
+            c.kick();
+        }
+        if res.is_ok() && op == Op::Discard {
+            self.counters.discards.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn release_marked(
+        &self,
+        ranges: &[GpaRange],
+        regions: &[usize],
+        op: Op,
+    ) -> Result<DiscardSummary, ManagerError> {
+        let mut sum = DiscardSummary::default();
+        let mut runs: Vec<(usize, u64, u64)> = Vec::with_capacity(ranges.len());
+        let mut blocks = 0u64;
+        let mut table_err = None;
+        let eager = self.release.is_eager();
+        for (r, &ri) in ranges.iter().zip(regions) {
+            let region = &self.regions[ri];
+            let emptied = match op {
+                Op::Discard if eager => match self.tables.discard(*r) {
+                    Ok(d) => {
+                        sum.pages_cleared += d.pages_cleared;
+                        add(&mut sum.tables_freed, &d.tables_freed);
+                        d.emptied_blocks
+                    }
+                    Err(e) => {
+                        table_err = Some(e);
+                        break;
+                    }
+                },
+                Op::Discard => match self.tables.mark_lazy(*r) {
+                    Ok(n) => {
+                        sum.pages_lazy += n;
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        table_err = Some(e);
+                        break;
+                    }
+                },
+                Op::Reclaim => match self.tables.reclaim(*r) {
+                    Ok(d) => {
+                        add(&mut sum.tables_freed, &d.tables_freed);
+                        d.emptied_blocks
+                    }
+                    Err(e) => {
+                        table_err = Some(e);
+                        break;
+                    }
+                },
+            };
+            if op == Op::Discard {
+                // The requested range itself: pages in it without a leaf are not present, so
+                // covering them costs the host nothing and joins neighbouring runs.
+                runs.push((ri, r.start() - region.gpa, r.end() - region.gpa));
+            }
+            for b in &emptied {
+                // Only blocks this request touched can have been emptied by it, and those are
+                // marked; a block reported outside the marks is left alone.
+                let touched = b.start() < r.end().next_multiple_of(BLOCK_SIZE)
+                    && b.end() > r.start() - r.start() % BLOCK_SIZE;
+                if !touched {
+                    continue;
+                }
+                if let Some((s, e)) = region.clip_offsets(b) {
+                    blocks += 1;
+                    runs.push((ri, s, e));
+                }
+            }
+        }
+        sum.blocks_released = blocks;
+        let runs = merge_runs(runs);
+        let release_res = self.release_runs(&runs, &mut sum);
+        if let Some(e) = table_err {
+            return Err(ManagerError::Table(e));
+        }
+        release_res?;
+        Ok(sum)
+    }
+
+    fn release_runs(
+        &self,
+        runs: &[(usize, u64, u64)],
+        sum: &mut DiscardSummary,
+    ) -> Result<(), ManagerError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let tracked = self.uffd.is_some();
+        if tracked {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for &(ri, s, e) in runs {
+                let host = self.regions[ri].host;
+                inflight.push((host + s, host + e));
+            }
+        }
+        let mut first_err = None;
+        for &(ri, s, e) in runs {
+            match self.regions[ri].backing.release(s, e - s, self.release) {
+                Ok(()) => {
+                    sum.release_calls += 1;
+                    sum.host_bytes_released += e - s;
+                }
+                Err(err) => {
+                    first_err.get_or_insert(err);
+                }
+            }
+        }
+        self.counters
+            .release_calls
+            .fetch_add(sum.release_calls, Ordering::Relaxed);
+        self.counters
+            .release_bytes
+            .fetch_add(sum.host_bytes_released, Ordering::Relaxed);
+        self.counters
+            .lazy_marked
+            .fetch_add(sum.pages_lazy, Ordering::Relaxed);
+        if tracked {
+            // Every REMOVE event these calls produced was read before the call returned; wait
+            // until the handler holding it has classified it, then forget the ranges.
+            if let Some(c) = &self.control {
+                c.quiesce();
+            }
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for &(ri, s, e) in runs {
+                let host = self.regions[ri].host;
+                if let Some(pos) = inflight.iter().position(|&x| x == (host + s, host + e)) {
+                    inflight.swap_remove(pos);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(ManagerError::Release(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn add(acc: &mut [u64; LEVELS], v: &[u64; LEVELS]) {
+    for (a, b) in acc.iter_mut().zip(v) {
+        *a += b;
+    }
+}

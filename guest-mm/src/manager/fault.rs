@@ -1,0 +1,182 @@
+//! The manager's side of the fault path: resolving a fault into a host page plus a leaf, and
+//! classifying remove events.
+//!
+//! A fault locks its 2 MiB block's state. If a discard is working on the block the fault is
+//! deferred (the handler moves on; the discard kicks the handlers when done). Otherwise the
+//! fill ioctl and the leaf record both happen under the block lock, so a discard, which must
+//! take the same lock to mark the block before it clears leaves, sees either both (and clears
+//! the leaf and zaps the page) or neither. The fill ioctl never waits for an event: while a
+//! remove event is pending it fails with EAGAIN, and the fault is deferred.
+
+use std::sync::atomic::Ordering;
+
+use super::{FillMode, Inner};
+use crate::range::{GpaRange, PAGE_SIZE};
+use crate::sys::{UFFD_PAGEFAULT_FLAG_WRITE, UffdIoError, Userfaultfd};
+use crate::tables::PageSize;
+use crate::uffd::{FaultOutcome, FaultResolver};
+
+impl Inner {
+    fn fill(
+        &self,
+        uffd: &Userfaultfd,
+        write: bool,
+        addr: u64,
+        len: u64,
+    ) -> Result<u64, UffdIoError> {
+        let copy = match self.fill {
+            FillMode::ZeropageForReads => write,
+            FillMode::AlwaysCopy => true,
+            FillMode::AlwaysZeropage => false,
+        };
+        if copy {
+            let n = (len as usize).min(self.zeros.len() as usize);
+            // SAFETY: `zeros` is a live private anonymous mapping of at least `n` bytes that
+            // nothing ever writes (it only serves as a source of zeros for UFFDIO_COPY), so a
+            // shared slice over it is never aliased by a mutable access.
+            let src = unsafe { std::slice::from_raw_parts(self.zeros.as_ptr(), n) };
+            uffd.copy(addr, src, false)
+        } else {
+            uffd.zeropage(addr, len, false)
+        }
+    }
+
+    /// Records leaves for `pages` pages from region offset `off`.
+    fn record(&self, region_gpa: u64, off: u64, pages: u64) {
+        for i in 0..pages {
+            let o = off + i * PAGE_SIZE;
+            if self
+                .tables
+                .populate(region_gpa + o, o, PageSize::Size4K)
+                .is_err()
+            {
+                self.counters.table_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl FaultResolver for Inner {
+    fn fault(&self, uffd: &Userfaultfd, flags: u64, addr: u64) -> FaultOutcome {
+        let c = &self.counters;
+        let Some(region) = self.region_for_host(addr) else {
+            c.fault_errors.fetch_add(1, Ordering::Relaxed);
+            return FaultOutcome::Failed;
+        };
+        let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
+        let off = (addr - region.host) & !(PAGE_SIZE - 1);
+        let page_addr = region.host + off;
+        let block = region.block(off);
+        if *block > 0 {
+            c.deferred_discarding.fetch_add(1, Ordering::Relaxed);
+            return FaultOutcome::Deferred;
+        }
+
+        let fa_bytes = u64::from(self.fault_around) * PAGE_SIZE;
+        if self.fault_around > 1 {
+            let win = off & !(fa_bytes - 1);
+            let empty = win + fa_bytes <= region.len
+                && (0..u64::from(self.fault_around)).all(|i| {
+                    self.tables
+                        .lookup(region.gpa + win + i * PAGE_SIZE)
+                        .is_none()
+                });
+            if empty {
+                match self.fill(uffd, write, region.host + win, fa_bytes) {
+                    Ok(_) => {
+                        self.record(region.gpa, win, u64::from(self.fault_around));
+                        c.fault_around_pages
+                            .fetch_add(u64::from(self.fault_around), Ordering::Relaxed);
+                        c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+                        return FaultOutcome::Resolved;
+                    }
+                    Err(UffdIoError::Exists { done } | UffdIoError::Again { done }) if done > 0 => {
+                        // Filled (and woke) the first `done` bytes, then met a present page.
+                        self.record(region.gpa, win, done / PAGE_SIZE);
+                        c.fault_around_pages
+                            .fetch_add(done / PAGE_SIZE, Ordering::Relaxed);
+                        if off < win + done {
+                            c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+                            return FaultOutcome::Resolved;
+                        }
+                    }
+                    Err(UffdIoError::Exists { .. }) => {
+                        c.eexist.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(UffdIoError::Again { .. }) => {
+                        c.eagain.fetch_add(1, Ordering::Relaxed);
+                        return FaultOutcome::Deferred;
+                    }
+                    Err(UffdIoError::Failed(e)) => {
+                        c.fault_errors.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("fault-around fill at {:#x} failed: {e}", region.host + win);
+                        // Fall back to the single page.
+                    }
+                }
+            }
+        }
+
+        match self.fill(uffd, write, page_addr, PAGE_SIZE) {
+            Ok(_) => {
+                self.record(region.gpa, off, 1);
+                c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+                FaultOutcome::Resolved
+            }
+            Err(UffdIoError::Exists { .. }) => {
+                // Already present (another handler, or fault-around): make sure the leaf is
+                // recorded and the faulting thread is awake.
+                c.eexist.fetch_add(1, Ordering::Relaxed);
+                self.record(region.gpa, off, 1);
+                if let Err(e) = uffd.wake(page_addr, PAGE_SIZE) {
+                    c.fault_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("waking {page_addr:#x} failed: {e}");
+                }
+                FaultOutcome::Resolved
+            }
+            Err(UffdIoError::Again { .. }) => {
+                c.eagain.fetch_add(1, Ordering::Relaxed);
+                FaultOutcome::Deferred
+            }
+            Err(UffdIoError::Failed(e)) => {
+                c.fault_errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("filling {page_addr:#x} failed: {e}");
+                FaultOutcome::Failed
+            }
+        }
+    }
+
+    fn remove(&self, start: u64, end: u64) {
+        let c = &self.counters;
+        let own = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|&(s, e)| s <= start && end <= e);
+        if own {
+            c.own_remove_events.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        c.foreign_remove_events.fetch_add(1, Ordering::Relaxed);
+        // Someone else released pages of a region: clear their leaves so the next touch is
+        // recorded again. Never release anything from here (a handler that madvises a
+        // registered range would wait for its own REMOVE event).
+        let Some(region) = self.region_for_host(start) else {
+            return;
+        };
+        let s = (start - region.host).next_multiple_of(PAGE_SIZE);
+        let e = (end.min(region.host + region.len) - region.host) & !(PAGE_SIZE - 1);
+        if s >= e {
+            return;
+        }
+        match GpaRange::new(region.gpa + s, e - s).map(|r| self.tables.discard(r)) {
+            Ok(Ok(d)) => {
+                c.foreign_pages_cleared
+                    .fetch_add(d.pages_cleared, Ordering::Relaxed);
+            }
+            _ => {
+                c.table_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Guest-memory regions: where each one sits in guest-physical space, its host backing, and the
+//! per-2 MiB-block discard state that keeps the fault path and discards apart.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backing::HostBacking;
+use crate::range::{BLOCK_SIZE, GpaRange, PAGE_SIZE};
+
+/// One contiguous guest-physical region backed by one host mapping.
+#[derive(Debug)]
+pub(crate) struct Region {
+    /// First guest-physical address (2 MiB aligned).
+    pub gpa: u64,
+    /// Length in bytes (page multiple).
+    pub len: u64,
+    /// Host address of the backing's first byte.
+    pub host: u64,
+    pub backing: Arc<dyn HostBacking>,
+    /// One entry per 2 MiB block: the number of discards currently working on the block.
+    /// Non-zero means "discarding": faults in the block are deferred. The lock is held only
+    /// briefly: by a discard to change the count, by a fault handler across the fill ioctl and
+    /// the leaf record (never across anything that waits for an event).
+    blocks: Box<[Mutex<u32>]>,
+}
+
+impl Region {
+    pub fn new(gpa: u64, backing: Arc<dyn HostBacking>) -> Self {
+        let len = backing.len();
+        let nblocks = len.div_ceil(BLOCK_SIZE) as usize;
+        Self {
+            gpa,
+            len,
+            host: backing.host_ptr() as u64,
+            backing,
+            blocks: (0..nblocks).map(|_| Mutex::new(0)).collect(),
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.gpa + self.len
+    }
+
+    pub fn contains(&self, r: &GpaRange) -> bool {
+        r.start() >= self.gpa && r.end() <= self.end()
+    }
+
+    pub fn host_contains(&self, addr: u64) -> bool {
+        addr >= self.host && addr - self.host < self.len
+    }
+
+    /// Locks the state of the block holding region offset `off`.
+    pub fn block(&self, off: u64) -> MutexGuard<'_, u32> {
+        let i = (off / BLOCK_SIZE) as usize;
+        self.blocks[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks (`delta = 1`) or unmarks (`delta = -1`) every block that `r` (inside the region)
+    /// touches.
+    pub fn mark(&self, r: &GpaRange, mark: bool) {
+        let first = (r.start() - self.gpa) / BLOCK_SIZE;
+        let last = (r.end() - 1 - self.gpa) / BLOCK_SIZE;
+        for i in first..=last {
+            let mut st = self.blocks[i as usize]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if mark {
+                *st += 1;
+            } else {
+                *st = st.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Clips `r` to the region and returns it as a region offset range.
+    pub fn clip_offsets(&self, r: &GpaRange) -> Option<(u64, u64)> {
+        let s = r.start().max(self.gpa);
+        let e = r.end().min(self.end());
+        (s < e).then(|| (s - self.gpa, e - self.gpa))
+    }
+}
+
+/// Merges offset runs `(region, start, end)` into the fewest covering runs: sorted, with
+/// overlapping or touching runs of the same region joined.
+pub(crate) fn merge_runs(mut runs: Vec<(usize, u64, u64)>) -> Vec<(usize, u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(usize, u64, u64)> = Vec::with_capacity(runs.len());
+    for (r, s, e) in runs {
+        match out.last_mut() {
+            Some(last) if last.0 == r && s <= last.2 => last.2 = last.2.max(e),
+            _ => out.push((r, s, e)),
+        }
+    }
+    debug_assert!(
+        out.iter()
+            .all(|&(_, s, e)| s.is_multiple_of(PAGE_SIZE) && e.is_multiple_of(PAGE_SIZE))
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_runs;
+
+    #[test]
+    fn merge_joins_touching_and_overlapping_runs_per_region() {
+        let runs = vec![
+            (0, 0x3000, 0x4000),
+            (0, 0x0, 0x1000),
+            (0, 0x1000, 0x2000),
+            (1, 0x1000, 0x2000),
+            (0, 0x0, 0x20_0000),
+            (0, 0x20_0000, 0x20_1000),
+            (0, 0x40_0000, 0x40_1000),
+        ];
+        assert_eq!(
+            merge_runs(runs),
+            vec![
+                (0, 0x0, 0x20_1000),
+                (0, 0x40_0000, 0x40_1000),
+                (1, 0x1000, 0x2000)
+            ]
+        );
+    }
+}
