@@ -1,0 +1,114 @@
+//! Host page tables and RSS really drop after discards through GuestMm (this kernel has
+//! CONFIG_PT_RECLAIM: a PTE page is freed when one MADV_DONTNEED covers its whole 2 MiB).
+//! One test in its own binary, because VmPTE and VmRSS are per process.
+
+mod manager_common;
+
+use std::sync::Arc;
+use std::thread;
+
+use guest_mm::backing::ReleaseMode;
+use guest_mm::manager::{GuestMm, gpa_range};
+use guest_mm::{BLOCK_SIZE, GpaRange, PAGE_SIZE, Strategy};
+use manager_common::{MIB, Rng, anon_mm, settle, status_kb, write};
+
+const LEN: u64 = 128 * MIB;
+const PAGES: u64 = LEN / PAGE_SIZE;
+/// kB of host PTE pages needed to map LEN with 4 KiB pages.
+const PTE_KB: u64 = LEN / BLOCK_SIZE * 4;
+
+fn touch(mm: &Arc<GuestMm>) {
+    let hs: Vec<_> = (0..2u64)
+        .map(|t| {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                for p in (t..PAGES).step_by(2) {
+                    write(&mm, p * PAGE_SIZE, p);
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    settle(mm);
+}
+
+/// Touches everything, runs `discard`, returns (VmPTE before touch, after touch, after discard)
+/// and the RSS drop in kB.
+fn scenario(strategy: Strategy, discard: impl Fn(&GuestMm)) -> (u64, u64, u64, u64) {
+    let mm = Arc::new(anon_mm(LEN, strategy, ReleaseMode::DontNeed, 2));
+    let pte0 = status_kb("VmPTE");
+    touch(&mm);
+    assert_eq!(mm.stats().tables.leaves_4k, PAGES);
+    let (pte1, rss1) = (status_kb("VmPTE"), status_kb("VmRSS"));
+    discard(&mm);
+    assert_eq!(mm.stats().tables.leaves_4k, 0);
+    let (pte2, rss2) = (status_kb("VmPTE"), status_kb("VmRSS"));
+    eprintln!(
+        "{strategy:?}: VmPTE {pte0} -> {pte1} -> {pte2} kB, VmRSS drop {} kB",
+        rss1 - rss2
+    );
+    (pte0, pte1, pte2, rss1.saturating_sub(rss2))
+}
+
+fn scattered(mm: &GuestMm) {
+    let mut pages: Vec<u64> = (0..PAGES).collect();
+    let mut rng = Rng(42);
+    for i in (1..pages.len()).rev() {
+        pages.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for batch in pages.chunks(256) {
+        let ranges: Vec<GpaRange> = batch
+            .iter()
+            .map(|p| gpa_range(p * PAGE_SIZE, PAGE_SIZE).unwrap())
+            .collect();
+        mm.discard_many(&ranges).unwrap();
+    }
+}
+
+#[test]
+fn host_page_tables_and_rss_drop() {
+    // 2 MiB-aligned discards.
+    let (_, pte1, pte2, rss_drop) = scenario(Strategy::Scan, |mm| {
+        for b in (0..LEN).step_by(BLOCK_SIZE as usize) {
+            mm.discard(gpa_range(b, BLOCK_SIZE).unwrap()).unwrap();
+        }
+    });
+    assert!(
+        pte1 - pte2 >= PTE_KB * 9 / 10,
+        "aligned discards: VmPTE {pte1} -> {pte2} kB"
+    );
+    assert!(
+        rss_drop >= LEN / 1024 * 9 / 10,
+        "aligned discards: RSS dropped {rss_drop} kB"
+    );
+
+    // Scattered 4 KiB discards in random order, 256 per batch: each PT table that empties
+    // has its whole block released in one call, so the host frees its PTE page too.
+    let (_, pte1, pte2, rss_drop) = scenario(Strategy::Scan, scattered);
+    assert!(
+        pte1 - pte2 >= PTE_KB * 9 / 10,
+        "scattered, Scan: VmPTE {pte1} -> {pte2} kB"
+    );
+    assert!(
+        rss_drop >= LEN / 1024 * 9 / 10,
+        "scattered, Scan: RSS dropped {rss_drop} kB"
+    );
+    let (_, pte1, pte2, _) = scenario(Strategy::Count, scattered);
+    assert!(
+        pte1 - pte2 >= PTE_KB * 9 / 10,
+        "scattered, Count: VmPTE {pte1} -> {pte2} kB"
+    );
+
+    // The same with Off never frees a table, so the host keeps every PTE page.
+    let (_, pte1, pte2, rss_drop) = scenario(Strategy::Off, scattered);
+    assert!(
+        pte2 + PTE_KB / 10 >= pte1,
+        "scattered, Off: VmPTE {pte1} -> {pte2} kB"
+    );
+    assert!(
+        rss_drop >= LEN / 1024 * 9 / 10,
+        "scattered, Off: RSS dropped {rss_drop} kB"
+    );
+}
