@@ -1,0 +1,359 @@
+//! Plain measurements of the tables behind the summary table in
+//! `docs/DESIGN-guest-mm.md`. Shared by the criterion bench (`tables.rs`)
+//! and the smoke test (`tests/tables_bench_smoke.rs`).
+
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use guest_mm::{BLOCK_SIZE, GpaRange, PAGE_SIZE, PageSize, Populate, Strategy, Tables};
+
+/// All strategies, in report order.
+pub const STRATEGIES: [Strategy; 3] = [Strategy::Off, Strategy::Scan, Strategy::Count];
+
+const BASE: u64 = 1 << 32;
+const PAGES_PER_BLOCK: u64 = BLOCK_SIZE / PAGE_SIZE;
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Pages populated for the populate, lookup and discard columns.
+    pub pages: u64,
+    /// Lookups timed.
+    pub lookups: u64,
+    /// Pages discarded one by one in random order.
+    pub scattered_pages: u64,
+    /// 2 MiB blocks in the seeds' workload (25 * 1024 for 50 GiB).
+    pub seed_blocks: u64,
+    /// Interleaved rounds; medians are reported.
+    pub rounds: usize,
+}
+
+impl Config {
+    /// The full run.
+    pub fn full() -> Self {
+        Self {
+            pages: 128 * PAGES_PER_BLOCK,
+            lookups: 1 << 20,
+            scattered_pages: 32 * PAGES_PER_BLOCK,
+            seed_blocks: 25 * 1024,
+            rounds: 7,
+        }
+    }
+
+    /// A few-second smoke run.
+    pub fn quick() -> Self {
+        Self {
+            pages: 8 * PAGES_PER_BLOCK,
+            lookups: 1 << 14,
+            scattered_pages: 2 * PAGES_PER_BLOCK,
+            seed_blocks: 256,
+            rounds: 3,
+        }
+    }
+
+    /// `quick()` if `EBB_BENCH_QUICK` is set or `--quick` was passed.
+    pub fn from_env() -> Self {
+        let quick = std::env::var_os("EBB_BENCH_QUICK").is_some()
+            || std::env::args().any(|a| a == "--quick");
+        if quick { Self::quick() } else { Self::full() }
+    }
+}
+
+/// Per-strategy timings (medians over rounds), in nanoseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Populate, one thread, per page.
+    pub populate_1t: f64,
+    /// Populate, two threads on disjoint blocks, wall time per page.
+    pub populate_2t: f64,
+    /// One lookup.
+    pub lookup: f64,
+    /// Discard in 2 MiB pieces (plus the `reclaim` sweep for Off), per page.
+    pub discard_2m: f64,
+    /// Discard of single 4 KiB pages in random order, per page.
+    pub discard_4k: f64,
+}
+
+/// The seeds' workload result for one strategy.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedResult {
+    /// Table bytes at the end.
+    pub table_bytes: u64,
+    /// Minimum table bytes for the leaves left (none: the root).
+    pub min_bytes: u64,
+    /// Populate time inside the loop, per page (median over rounds).
+    pub populate_ns: f64,
+    /// Whole loop time per block (median over rounds).
+    pub block_ns: f64,
+}
+
+/// Everything the summary prints.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The configuration used.
+    pub config: Config,
+    /// One entry per strategy, in [`STRATEGIES`] order.
+    pub timings: Vec<Timings>,
+    /// One entry per strategy, in [`STRATEGIES`] order.
+    pub seeds: Vec<SeedResult>,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn shuffled(n: u64, seed: u64) -> Vec<u64> {
+    let mut v: Vec<u64> = (0..n).collect();
+    let mut rng = Rng(seed | 1);
+    for i in (1..v.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn per(d: Duration, n: u64) -> f64 {
+    d.as_nanos() as f64 / n as f64
+}
+
+fn populate_range(t: &Tables, first_page: u64, pages: u64) {
+    for p in first_page..first_page + pages {
+        let gpa = BASE + p * PAGE_SIZE;
+        let r = t.populate(gpa, gpa, PageSize::Size4K);
+        assert!(matches!(r, Ok(Populate::Installed)), "{r:?}");
+    }
+}
+
+/// Populate with one thread: ns per page.
+pub fn populate_1t(s: Strategy, pages: u64) -> f64 {
+    let t = Tables::new(s);
+    let start = Instant::now();
+    populate_range(&t, 0, pages);
+    per(start.elapsed(), pages)
+}
+
+/// Populate with two threads on disjoint halves: wall ns per page.
+pub fn populate_2t(s: Strategy, pages: u64) -> f64 {
+    let t = Tables::new(s);
+    let half = pages / 2;
+    let barrier = Barrier::new(3);
+    std::thread::scope(|sc| {
+        for i in 0..2 {
+            let (t, barrier) = (&t, &barrier);
+            sc.spawn(move || {
+                barrier.wait();
+                populate_range(t, i * half, half);
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        barrier.wait();
+        per(start.elapsed(), 2 * half)
+    })
+}
+
+/// Lookup of random populated pages: ns per lookup.
+pub fn lookup(s: Strategy, pages: u64, lookups: u64) -> f64 {
+    let t = Tables::new(s);
+    populate_range(&t, 0, pages);
+    let mut rng = Rng(0x1234_5678);
+    let gpas: Vec<u64> = (0..lookups.min(1 << 16))
+        .map(|_| BASE + (rng.next() % pages) * PAGE_SIZE)
+        .collect();
+    let mut found = 0u64;
+    let start = Instant::now();
+    for i in 0..lookups {
+        let gpa = gpas[(i as usize) % gpas.len()];
+        found += u64::from(std::hint::black_box(t.lookup(gpa)).is_some());
+    }
+    let ns = per(start.elapsed(), lookups);
+    assert_eq!(found, lookups);
+    ns
+}
+
+/// Discard in 2 MiB pieces (Off: followed by the reclaim sweep): ns per page.
+pub fn discard_2m(s: Strategy, pages: u64) -> f64 {
+    let t = Tables::new(s);
+    populate_range(&t, 0, pages);
+    let start = Instant::now();
+    for b in 0..pages / PAGES_PER_BLOCK {
+        let r = GpaRange::new(BASE + b * BLOCK_SIZE, BLOCK_SIZE).unwrap();
+        t.discard(r).unwrap();
+        if s == Strategy::Off {
+            t.reclaim(r).unwrap();
+        }
+    }
+    let ns = per(start.elapsed(), pages);
+    assert_eq!(t.stats().leaves_4k, 0);
+    ns
+}
+
+/// Discard single pages in random order (the balloon pattern): ns per page.
+pub fn discard_4k(s: Strategy, pages: u64) -> f64 {
+    let t = Tables::new(s);
+    populate_range(&t, 0, pages);
+    let order = shuffled(pages, 0xfeed);
+    let start = Instant::now();
+    for p in order {
+        let r = GpaRange::new(BASE + p * PAGE_SIZE, PAGE_SIZE).unwrap();
+        t.discard(r).unwrap();
+    }
+    let ns = per(start.elapsed(), pages);
+    if s != Strategy::Off {
+        assert_eq!(t.stats().table_bytes, t.min_table_bytes());
+    }
+    ns
+}
+
+/// The seeds' workload: for every 2 MiB block of the space, populate its
+/// 512 pages, then discard the block. Returns (table bytes, min bytes,
+/// populate ns/page, loop ns/block).
+pub fn seed_workload(s: Strategy, blocks: u64) -> (u64, u64, f64, f64) {
+    let t = Tables::new(s);
+    let mut populate = Duration::ZERO;
+    let start = Instant::now();
+    for b in 0..blocks {
+        let base = b * BLOCK_SIZE;
+        let p0 = Instant::now();
+        for p in 0..PAGES_PER_BLOCK {
+            let gpa = base + p * PAGE_SIZE;
+            let r = t.populate(gpa, gpa, PageSize::Size4K);
+            debug_assert!(matches!(r, Ok(Populate::Installed)));
+            std::hint::black_box(r).ok();
+        }
+        populate += p0.elapsed();
+        t.discard(GpaRange::new(base, BLOCK_SIZE).unwrap()).unwrap();
+    }
+    let total = start.elapsed();
+    let st = t.stats();
+    assert_eq!(st, t.recount());
+    (
+        st.table_bytes,
+        t.min_table_bytes(),
+        per(populate, blocks * PAGES_PER_BLOCK),
+        per(total, blocks),
+    )
+}
+
+/// Runs everything, interleaving the strategies inside each round (rotating
+/// their order) so that they are measured side by side under the same load.
+pub fn run(config: Config) -> Report {
+    let n = STRATEGIES.len();
+    let mut cols: Vec<[Vec<f64>; 5]> = (0..n).map(|_| Default::default()).collect();
+    let mut seed_pop: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut seed_block: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut seed_bytes = vec![(0u64, 0u64); n];
+    for round in 0..config.rounds {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let s = STRATEGIES[i];
+            cols[i][0].push(populate_1t(s, config.pages));
+            cols[i][1].push(populate_2t(s, config.pages));
+            cols[i][2].push(lookup(s, config.pages, config.lookups));
+            cols[i][3].push(discard_2m(s, config.pages));
+            cols[i][4].push(discard_4k(s, config.scattered_pages));
+            let (bytes, min, pop, block) = seed_workload(s, config.seed_blocks);
+            seed_bytes[i] = (bytes, min);
+            seed_pop[i].push(pop);
+            seed_block[i].push(block);
+        }
+    }
+    let timings = cols
+        .into_iter()
+        .map(|[a, b, c, d, e]| Timings {
+            populate_1t: median(a),
+            populate_2t: median(b),
+            lookup: median(c),
+            discard_2m: median(d),
+            discard_4k: median(e),
+        })
+        .collect();
+    let seeds = (0..n)
+        .map(|i| SeedResult {
+            table_bytes: seed_bytes[i].0,
+            min_bytes: seed_bytes[i].1,
+            populate_ns: median(std::mem::take(&mut seed_pop[i])),
+            block_ns: median(std::mem::take(&mut seed_block[i])),
+        })
+        .collect();
+    Report {
+        config,
+        timings,
+        seeds,
+    }
+}
+
+/// Formats the report as the markdown tables used in the design doc.
+pub fn format(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let c = r.config;
+    let _ = writeln!(
+        s,
+        "tables: {} pages ({} MiB) per column, {} lookups, {} scattered pages, \
+         seeds' workload {} blocks ({} GiB), medians of {} interleaved rounds\n",
+        c.pages,
+        c.pages * PAGE_SIZE >> 20,
+        c.lookups,
+        c.scattered_pages,
+        c.seed_blocks,
+        c.seed_blocks * BLOCK_SIZE >> 30,
+        c.rounds
+    );
+    let _ = writeln!(
+        s,
+        "| strategy | populate 1T ns/page | populate 2T ns/page | lookup ns | \
+         discard 2M (+sweep for Off) ns/page | discard 4K scattered ns/page |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for (st, t) in STRATEGIES.iter().zip(&r.timings) {
+        let _ = writeln!(
+            s,
+            "| {st:?} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            t.populate_1t, t.populate_2t, t.lookup, t.discard_2m, t.discard_4k
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n| strategy | table bytes at end | kB | minimum | ratio | populate ns/page in loop | \
+         vs Off | loop ns/block |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let off_pop = r.seeds[0].populate_ns;
+    for (st, x) in STRATEGIES.iter().zip(&r.seeds) {
+        let _ = writeln!(
+            s,
+            "| {st:?} | {} | {} | {} | {:.2} | {:.1} | {:+.1}% | {:.0} |",
+            x.table_bytes,
+            x.table_bytes / 1024,
+            x.min_bytes,
+            x.table_bytes as f64 / x.min_bytes as f64,
+            x.populate_ns,
+            (x.populate_ns / off_pop - 1.0) * 100.0,
+            x.block_ns
+        );
+    }
+    let off_1t = r.timings[0].populate_1t;
+    let _ = writeln!(s, "\nfresh-space populate (1 thread) relative to Off:");
+    for (st, t) in STRATEGIES.iter().zip(&r.timings) {
+        let _ = writeln!(
+            s,
+            "  {st:?}: {:+.1}%",
+            (t.populate_1t / off_1t - 1.0) * 100.0
+        );
+    }
+    s
+}
