@@ -30,26 +30,9 @@ done
 echo "EBB-RIG-KVM ok npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
 
 [ -f /rig/job/cmd ] || rig_fail "no job: /rig/job/cmd missing (the harness appends it)"
-# shellcheck disable=SC1091
-[ -f /rig/job/env ] && . /rig/job/env
 export EBB_L2_KERNEL=/l2/bzImage EBB_L2_VMLINUX=/l2/vmlinux EBB_L2_INITRAMFS=/l2/initramfs.cpio
-export EBB_RIG_INPUTS=/rig/job/in EBB_RIG=nested
-cd /rig/job/in 2>/dev/null || cd /tmp
-
-echo "EBB-RIG-BEGIN"
-sh /rig/job/cmd </dev/null 2>&1 &
-job=$!
-sampler=""
-if [ -n "${RIG_SAMPLE_COMM:-}" ]; then
-    rig-sampler "$job" "$RIG_SAMPLE_COMM" "${RIG_SAMPLE_MS:-500}" &
-    sampler=$!
-fi
-wait "$job"
-rc=$?
-[ -n "$sampler" ] && kill "$sampler" 2>/dev/null
-echo "EBB-RIG-END status=$rc"
-echo 1 >/proc/sys/vm/stat_refresh 2>/dev/null
-echo "EBB-RIG-MEMINFO $(rig-meminfo)"
+export EBB_RIG=nested
+rig-job /rig/job
 echo "EBB-RIG-DONE"
 sync
 poweroff -f

@@ -1,1 +1,37 @@
-//! placeholder
+//! The nested test host ("the rig") for ebb.
+//!
+//! `/dev/kvm` on the development machines is PVM and cannot boot stock Linux guests, so ebb is
+//! tested one level down: QEMU TCG emulates an AMD CPU with SVM and NPT, boots a Debian kernel as
+//! L1 with `kvm-amd`, and the program under test runs inside L1 with real KVM, next to the L2
+//! kernel and initramfs it may boot (`/l2/bzImage`, `/l2/vmlinux`, `/l2/initramfs.cpio`). On a
+//! host with hardware VMX/SVM the same API runs the program directly instead.
+//!
+//! ```no_run
+//! use ebb_harness::{Job, Rig};
+//! let rig = Rig::from_env()?; // needs resources/setup.sh to have run
+//! let out = rig.run(&Job::program("target/release/ebb", ["--help"]))?;
+//! assert_eq!(out.status, 0);
+//! # Ok::<(), ebb_harness::RigError>(())
+//! ```
+//!
+//! Images come from `resources/setup.sh`; the console protocol is described in
+//! `resources/init-l1.sh` and `resources/rig-bin/rig-job`; see `docs/TESTING.md`.
+
+mod cpio;
+mod error;
+mod host;
+mod images;
+mod job;
+mod peer;
+mod protocol;
+mod runner;
+mod tempdir;
+
+pub use cpio::CpioWriter;
+pub use error::RigError;
+pub use host::{HostVirt, Mode, has_virt_flag, select_mode};
+pub use images::{RigImages, images_dir, workspace_root};
+pub use job::{Command, Job, Sampling, sh_quote};
+pub use peer::{PeerJob, PeerOutput};
+pub use protocol::{Meminfo, ProcSample, ResultLine, Transcript, parse_result};
+pub use runner::{Rig, RunOutput};

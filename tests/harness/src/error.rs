@@ -1,0 +1,62 @@
+//! What can go wrong while preparing or running a rig job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why a rig run did not produce a result.
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    /// The images are not built (or the cache points elsewhere).
+    #[error("rig image {path} is missing: run resources/setup.sh first (or set EBB_CACHE)")]
+    ImageMissing { path: PathBuf },
+    /// A file the job needs could not be read.
+    #[error("cannot read job file {path}")]
+    JobFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A job input has a name that cannot be placed in the job directory.
+    #[error("job input name {0:?} is not a plain file name")]
+    BadInputName(String),
+    /// Writing a temporary file failed.
+    #[error("cannot write {path}")]
+    TempFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU or the job could not be started.
+    #[error("cannot start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the console or waiting for the process failed.
+    #[error("i/o error while {what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The run took longer than its timeout; QEMU (or the job) was killed.
+    #[error("timed out after {after:?}; last console lines:\n{tail}")]
+    Timeout { after: Duration, tail: String },
+    /// L1 reported a failure before the job ran (e.g. no /dev/kvm).
+    #[error("L1 failed: {message}")]
+    L1 { message: String },
+    /// The console ended without the end markers: L1 crashed or QEMU died.
+    #[error("the run ended without {missing}; exit {exit}; last console lines:\n{tail}")]
+    Incomplete {
+        missing: &'static str,
+        exit: String,
+        tail: String,
+    },
+    /// The QEMU peer in L1 did not run the guest command to its end.
+    #[error("peer failed: {message}; last console lines:\n{tail}")]
+    Peer { message: String, tail: String },
+    /// `EBB_RIG_MODE` holds something other than auto, nested or host.
+    #[error("EBB_RIG_MODE={0:?}: expected auto, nested or host")]
+    BadMode(String),
+}

@@ -1,0 +1,112 @@
+//! Where the rig's images are: `$EBB_CACHE/images`, else `target/ebb-cache/images` in the
+//! workspace (what `resources/setup.sh` writes), described by its `rig.env`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::RigError;
+
+/// Paths of everything a rig run needs on the host.
+#[derive(Clone, Debug)]
+pub struct RigImages {
+    /// Kernel booted as L1 (the same Debian cloud kernel as L2).
+    pub l1_kernel: PathBuf,
+    /// L1 initramfs (the per-run archive is appended to a copy of it).
+    pub l1_initramfs: PathBuf,
+    /// L2 guest kernel, bzImage.
+    pub l2_kernel: PathBuf,
+    /// L2 guest kernel, uncompressed ELF (PVH entry).
+    pub l2_vmlinux: PathBuf,
+    /// L2 guest initramfs.
+    pub l2_initramfs: PathBuf,
+    /// The static guest tools binary.
+    pub guest_tools: PathBuf,
+    /// `resources/rig-bin` (the rig's shell helpers, used directly in host mode).
+    pub rig_bin: PathBuf,
+}
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors().nth(2).unwrap_or(here).to_path_buf()
+}
+
+/// The images directory: `$EBB_CACHE/images` or `<workspace>/target/ebb-cache/images`.
+pub fn images_dir() -> PathBuf {
+    match std::env::var_os("EBB_CACHE") {
+        Some(c) if !c.is_empty() => PathBuf::from(c).join("images"),
+        _ => workspace_root().join("target/ebb-cache/images"),
+    }
+}
+
+fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+impl RigImages {
+    /// Reads `rig.env` from [`images_dir`] and checks that every file exists.
+    pub fn locate() -> Result<Self, RigError> {
+        Self::from_dir(&images_dir())
+    }
+
+    /// Reads `rig.env` in `dir` and checks that every file exists.
+    pub fn from_dir(dir: &Path) -> Result<Self, RigError> {
+        let env_path = dir.join("rig.env");
+        let text = std::fs::read_to_string(&env_path).map_err(|_| RigError::ImageMissing {
+            path: env_path.clone(),
+        })?;
+        let env = parse_env(&text);
+        let get = |k: &str| -> Result<PathBuf, RigError> {
+            let p = env
+                .get(k)
+                .map(PathBuf::from)
+                .ok_or_else(|| RigError::ImageMissing {
+                    path: env_path.join(k),
+                })?;
+            if p.exists() {
+                Ok(p)
+            } else {
+                Err(RigError::ImageMissing { path: p })
+            }
+        };
+        let rig_bin = workspace_root().join("resources/rig-bin");
+        if !rig_bin.join("rig-job").exists() {
+            return Err(RigError::ImageMissing {
+                path: rig_bin.join("rig-job"),
+            });
+        }
+        Ok(RigImages {
+            l1_kernel: get("EBB_RIG_L1_KERNEL")?,
+            l1_initramfs: get("EBB_RIG_L1_INITRAMFS")?,
+            l2_kernel: get("EBB_L2_KERNEL")?,
+            l2_vmlinux: get("EBB_L2_VMLINUX")?,
+            l2_initramfs: get("EBB_L2_INITRAMFS")?,
+            guest_tools: get("EBB_GUEST_TOOLS")?,
+            rig_bin,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_parsing() {
+        let m = parse_env("# c\nA=/x\n B = /y \nnot a pair\n");
+        assert_eq!(m.get("A").map(String::as_str), Some("/x"));
+        assert_eq!(m.get("B").map(String::as_str), Some("/y"));
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn missing_dir_is_a_clear_error() {
+        let e = RigImages::from_dir(Path::new("/nonexistent/ebb")).unwrap_err();
+        assert!(matches!(e, RigError::ImageMissing { .. }));
+        assert!(e.to_string().contains("resources/setup.sh"));
+    }
+}

@@ -1,0 +1,231 @@
+//! Parsing of the console transcript: the rig's and the guest's markers, result lines and samples.
+//! Markers may appear anywhere in a line (firmware escape codes or kernel messages can precede
+//! them), so each is searched for rather than matched at the start.
+
+use std::collections::BTreeMap;
+
+/// L1's page-table counters from `/proc/meminfo`, in kB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meminfo {
+    /// KVM's second-level (NPT/EPT) tables.
+    pub sec_page_tables_kb: u64,
+    /// Page tables of L1's processes.
+    pub page_tables_kb: u64,
+}
+
+/// One `EBB-RIG-SAMPLE` line: a process's memory and L1's page-table counters at that moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcSample {
+    /// Why it was taken: `periodic`, `guest-done`, or a label given to `rig-sample`.
+    pub label: String,
+    pub pid: u32,
+    pub comm: String,
+    /// L1 uptime in milliseconds.
+    pub t_ms: u64,
+    pub vm_rss_kb: u64,
+    pub vm_pte_kb: u64,
+    pub meminfo: Meminfo,
+}
+
+/// One `EBB-RESULT <name> key=value ...` line printed by a workload.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResultLine {
+    pub name: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl ResultLine {
+    /// A field parsed as an integer.
+    pub fn u64(&self, key: &str) -> Option<u64> {
+        self.fields.get(key)?.parse().ok()
+    }
+
+    /// A field parsed as a float.
+    pub fn f64(&self, key: &str) -> Option<f64> {
+        self.fields.get(key)?.parse().ok()
+    }
+
+    /// A field as text.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+}
+
+/// Everything recognised in a console transcript.
+#[derive(Clone, Debug, Default)]
+pub struct Transcript {
+    /// `EBB-RIG-KVM` line (L1 only).
+    pub kvm: Option<String>,
+    /// `EBB-RIG-ERROR` messages.
+    pub errors: Vec<String>,
+    /// Whether `EBB-RIG-BEGIN` was seen.
+    pub begun: bool,
+    /// Lines between BEGIN and END, without sample lines.
+    pub output: Vec<String>,
+    /// From `EBB-RIG-END status=N`.
+    pub status: Option<i32>,
+    /// From `EBB-RIG-MEMINFO`.
+    pub meminfo: Option<Meminfo>,
+    /// Whether `EBB-RIG-DONE` was seen.
+    pub done: bool,
+    pub samples: Vec<ProcSample>,
+    pub results: Vec<ResultLine>,
+    /// From the L2 guest's `EBB-L2-END status=N` (last one seen).
+    pub guest_status: Option<i32>,
+    /// From `EBB-PEER-ERROR`.
+    pub peer_errors: Vec<String>,
+}
+
+fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker).map(|i| line[i + marker.len()..].trim())
+}
+
+fn kv_pairs(s: &str) -> BTreeMap<String, String> {
+    s.split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn num(m: &BTreeMap<String, String>, k: &str) -> u64 {
+    m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn meminfo_of(m: &BTreeMap<String, String>) -> Meminfo {
+    Meminfo {
+        sec_page_tables_kb: num(m, "SecPageTables"),
+        page_tables_kb: num(m, "PageTables"),
+    }
+}
+
+fn status_of(rest: &str) -> Option<i32> {
+    kv_pairs(rest).get("status")?.parse().ok()
+}
+
+/// Parses a result line's text after `EBB-RESULT `.
+pub fn parse_result(rest: &str) -> Option<ResultLine> {
+    let mut it = rest.split_whitespace();
+    let name = it.next()?.to_string();
+    let fields = kv_pairs(&it.collect::<Vec<_>>().join(" "));
+    Some(ResultLine { name, fields })
+}
+
+impl Transcript {
+    /// Feeds one console line (without its line ending).
+    pub fn feed(&mut self, raw: &str) {
+        let line = raw.trim_end_matches('\r');
+        if let Some(r) = after(line, "EBB-RIG-SAMPLE ") {
+            let m = kv_pairs(r);
+            self.samples.push(ProcSample {
+                label: m.get("label").cloned().unwrap_or_default(),
+                pid: num(&m, "pid") as u32,
+                comm: m.get("comm").cloned().unwrap_or_default(),
+                t_ms: num(&m, "t_ms"),
+                vm_rss_kb: num(&m, "VmRSS"),
+                vm_pte_kb: num(&m, "VmPTE"),
+                meminfo: meminfo_of(&m),
+            });
+            return;
+        }
+        if let Some(r) = after(line, "EBB-RIG-KVM ") {
+            self.kvm = Some(r.to_string());
+        } else if let Some(r) = after(line, "EBB-RIG-ERROR ") {
+            self.errors.push(r.to_string());
+        } else if line.contains("EBB-RIG-BEGIN") {
+            self.begun = true;
+            return;
+        } else if let Some(r) = after(line, "EBB-RIG-END ") {
+            self.status = status_of(r);
+            return;
+        } else if let Some(r) = after(line, "EBB-RIG-MEMINFO ") {
+            self.meminfo = Some(meminfo_of(&kv_pairs(r)));
+        } else if line.contains("EBB-RIG-DONE") {
+            self.done = true;
+        }
+        if !self.begun || self.status.is_some() {
+            return;
+        }
+        self.output.push(line.to_string());
+        if let Some(r) = after(line, "EBB-RESULT ") {
+            self.results.extend(parse_result(r));
+        } else if let Some(r) = after(line, "EBB-L2-END ") {
+            self.guest_status = status_of(r);
+        } else if let Some(r) = after(line, "EBB-PEER-ERROR ") {
+            self.peer_errors.push(r.to_string());
+        }
+    }
+
+    /// Parses a whole transcript.
+    pub fn parse(text: &str) -> Self {
+        let mut t = Transcript::default();
+        for l in text.lines() {
+            t.feed(l);
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONSOLE: &str = "\x1bc\x1b[?7l\x1b[2JEBB-RIG-KVM ok npt=Y\r
+EBB-RIG-BEGIN\r
+EBB-PEER-START mem=1024 cpus=1\r
+EBB-RIG-SAMPLE label=periodic pid=145 comm=qemu-system-x86 t_ms=3820 VmRSS=29772 VmPTE=144 SecPageTables=0 PageTables=996\r
+[    5.934229] kvm: kvm [145]: vcpu0, guest rIP: 0xffffffff8b51fb6f Unhandled WRMSR\r
+EBB-L2-BEGIN cmd=ebb-guest churn --mib 512\r
+EBB-RESULT churn mode=chunk mib=512 chunk_kib=2048 ops=512 pages=262144 ns_per_page=17186.4 nonzero=0\r
+EBB-L2-END status=0\r
+EBB-RIG-SAMPLE label=guest-done pid=145 comm=qemu-system-x86 t_ms=19840 VmRSS=295884 VmPTE=696 SecPageTables=32 PageTables=1408\r
+EBB-PEER-END status=0\r
+EBB-RIG-END status=3\r
+EBB-RIG-MEMINFO SecPageTables=0 PageTables=604\r
+EBB-RESULT late x=1\r
+EBB-RIG-DONE\r
+";
+
+    #[test]
+    fn parses_a_peer_transcript() {
+        let t = Transcript::parse(CONSOLE);
+        assert_eq!(t.kvm.as_deref(), Some("ok npt=Y"));
+        assert!(t.begun && t.done);
+        assert_eq!(t.status, Some(3));
+        assert_eq!(t.guest_status, Some(0));
+        assert_eq!(
+            t.meminfo,
+            Some(Meminfo {
+                sec_page_tables_kb: 0,
+                page_tables_kb: 604
+            })
+        );
+        assert_eq!(t.results.len(), 1, "results after END are not the job's");
+        let r = &t.results[0];
+        assert_eq!(
+            (r.name.as_str(), r.u64("pages"), r.f64("ns_per_page")),
+            ("churn", Some(262144), Some(17186.4))
+        );
+        assert_eq!(r.str("mode"), Some("chunk"));
+        assert_eq!(t.samples.len(), 2);
+        let d = &t.samples[1];
+        assert_eq!(
+            (d.label.as_str(), d.pid, d.vm_pte_kb, d.vm_rss_kb),
+            ("guest-done", 145, 696, 295884)
+        );
+        assert_eq!(d.meminfo.sec_page_tables_kb, 32);
+        assert!(t.output.iter().all(|l| !l.contains("EBB-RIG-SAMPLE")));
+        assert!(t.output.iter().any(|l| l.contains("Unhandled WRMSR")));
+        assert!(t.output.iter().all(|l| !l.ends_with('\r')));
+    }
+
+    #[test]
+    fn errors_and_garbage_do_not_panic() {
+        let t = Transcript::parse(
+            "EBB-RIG-ERROR no /dev/kvm\nEBB-RIG-END status=x\nEBB-RESULT\n\u{fffd}\n",
+        );
+        assert_eq!(t.errors, vec!["no /dev/kvm".to_string()]);
+        assert_eq!(t.status, None);
+        assert!(t.results.is_empty());
+        assert!(parse_result("").is_none());
+    }
+}

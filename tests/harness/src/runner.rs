@@ -1,0 +1,377 @@
+//! Running a job: nested (QEMU TCG booting L1 with the job appended to its initramfs) or directly
+//! on a host with hardware virtualization. Both speak the same console protocol (`rig-job`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::error::RigError;
+use crate::host::{HostVirt, Mode, select_mode};
+use crate::images::RigImages;
+use crate::job::{Job, JobFiles};
+use crate::protocol::{Meminfo, ProcSample, ResultLine, Transcript};
+use crate::tempdir::TempDir;
+
+/// How many console lines an error message carries.
+const TAIL_LINES: usize = 40;
+
+/// The outcome of a job that ran to its end (whatever its exit status).
+#[derive(Clone, Debug)]
+pub struct RunOutput {
+    pub mode: Mode,
+    /// The job's exit status.
+    pub status: i32,
+    /// The job's output lines (stdout and stderr), markers of the rig removed.
+    pub output: Vec<String>,
+    /// `EBB-RESULT` lines in the output.
+    pub results: Vec<ResultLine>,
+    /// `EBB-RIG-SAMPLE` lines (periodic sampling or `rig-sample` calls).
+    pub samples: Vec<ProcSample>,
+    /// L1's (or the host's) page-table counters after the job.
+    pub meminfo: Meminfo,
+    /// The L2 guest's exit status if the job booted one that printed `EBB-L2-END`.
+    pub guest_status: Option<i32>,
+    /// The whole console, for diagnostics.
+    pub console: Vec<String>,
+    /// Wall-clock time of the whole run (L1 boot included).
+    pub elapsed: Duration,
+}
+
+impl RunOutput {
+    /// The first result line named `name`.
+    pub fn result(&self, name: &str) -> Option<&ResultLine> {
+        self.results.iter().find(|r| r.name == name)
+    }
+
+    /// The output as one text.
+    pub fn output_text(&self) -> String {
+        self.output.join("\n")
+    }
+
+    /// The last console lines, for error messages.
+    pub fn tail(&self) -> String {
+        tail(&self.console)
+    }
+}
+
+fn tail(lines: &[String]) -> String {
+    lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+}
+
+/// The rig: images, mode, and how to start L1.
+#[derive(Clone, Debug)]
+pub struct Rig {
+    pub images: RigImages,
+    pub mode: Mode,
+    /// The outer QEMU (nested mode).
+    pub qemu: PathBuf,
+    /// L1 memory in MiB.
+    pub l1_mem_mib: u32,
+    /// L1 vCPUs.
+    pub l1_cpus: u32,
+    /// Extra L1 kernel command line.
+    pub l1_append: String,
+    /// Copy every console line to stderr as it arrives.
+    pub echo: bool,
+}
+
+fn env_u32(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+impl Rig {
+    /// Configuration from the environment: images from `EBB_CACHE` (see [`RigImages::locate`]),
+    /// `EBB_RIG_MODE`, `EBB_RIG_QEMU`, `EBB_RIG_L1_MEM` (MiB, 3072), `EBB_RIG_L1_CPUS` (2),
+    /// `EBB_RIG_L1_APPEND`, `EBB_RIG_ECHO=1`.
+    pub fn from_env() -> Result<Self, RigError> {
+        let images = RigImages::locate()?;
+        let mode = select_mode(
+            std::env::var("EBB_RIG_MODE").ok().as_deref(),
+            &HostVirt::probe(),
+        )?;
+        Ok(Rig {
+            images,
+            mode,
+            qemu: std::env::var_os("EBB_RIG_QEMU")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "qemu-system-x86_64".into()),
+            l1_mem_mib: env_u32("EBB_RIG_L1_MEM", 3072),
+            l1_cpus: env_u32("EBB_RIG_L1_CPUS", 2),
+            l1_append: std::env::var("EBB_RIG_L1_APPEND").unwrap_or_default(),
+            echo: std::env::var("EBB_RIG_ECHO").is_ok_and(|v| v == "1"),
+        })
+    }
+
+    /// Runs `job` and returns its output once it has ended. A non-zero exit status is not an
+    /// error (see [`RunOutput::status`]); a rig that could not run the job to its end is.
+    pub fn run(&self, job: &Job) -> Result<RunOutput, RigError> {
+        let files = JobFiles::build(job)?;
+        let tmp = TempDir::new()?;
+        let start = Instant::now();
+        log::info!(
+            "rig: running a job ({:?} mode, timeout {:?})",
+            self.mode,
+            job.timeout
+        );
+        let (console, exit) = match self.mode {
+            Mode::Nested => self.run_nested(&files, &tmp, job.timeout)?,
+            Mode::Host => self.run_host(&files, &tmp, job.timeout)?,
+        };
+        let elapsed = start.elapsed();
+        let t = Transcript::parse(&console.join("\n"));
+        if let Some(message) = t.errors.first() {
+            return Err(RigError::L1 {
+                message: message.clone(),
+            });
+        }
+        let missing = if self.mode == Mode::Nested && t.kvm.is_none() {
+            Some("EBB-RIG-KVM (L1 did not boot)")
+        } else if !t.begun {
+            Some("EBB-RIG-BEGIN")
+        } else if t.status.is_none() {
+            Some("EBB-RIG-END (the job did not finish)")
+        } else if t.meminfo.is_none() || (self.mode == Mode::Nested && !t.done) {
+            Some("EBB-RIG-DONE")
+        } else {
+            None
+        };
+        if let Some(missing) = missing {
+            return Err(RigError::Incomplete {
+                missing,
+                exit,
+                tail: tail(&console),
+            });
+        }
+        log::info!(
+            "rig: job ended with status {:?} after {elapsed:?}",
+            t.status
+        );
+        Ok(RunOutput {
+            mode: self.mode,
+            status: t.status.unwrap_or(-1),
+            output: t.output,
+            results: t.results,
+            samples: t.samples,
+            meminfo: t.meminfo.unwrap_or_default(),
+            guest_status: t.guest_status,
+            console,
+            elapsed,
+        })
+    }
+
+    fn run_nested(
+        &self,
+        files: &JobFiles,
+        tmp: &TempDir,
+        timeout: Duration,
+    ) -> Result<(Vec<String>, String), RigError> {
+        // L1 initramfs followed by the job's archive (the kernel unpacks both).
+        let initrd = tmp.path().join("l1-job.cpio");
+        let e = |source| RigError::TempFile {
+            path: initrd.clone(),
+            source,
+        };
+        std::fs::copy(&self.images.l1_initramfs, &initrd).map_err(e)?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&initrd)
+            .map_err(e)?;
+        f.write_all(&files.to_cpio()).map_err(e)?;
+        drop(f);
+        let mut append = "console=ttyS0 panic=-1 quiet".to_string();
+        if !self.l1_append.is_empty() {
+            append = format!("{append} {}", self.l1_append);
+        }
+        let mut cmd = std::process::Command::new(&self.qemu);
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt"])
+            .args([
+                "-smp",
+                &self.l1_cpus.to_string(),
+                "-m",
+                &self.l1_mem_mib.to_string(),
+            ])
+            .args(["-nographic", "-no-reboot", "-net", "none"])
+            .arg("-kernel")
+            .arg(&self.images.l1_kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", &append])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|source| RigError::Spawn {
+            program: self.qemu.display().to_string(),
+            source,
+        })?;
+        self.collect(child, timeout, false)
+    }
+
+    fn run_host(
+        &self,
+        files: &JobFiles,
+        tmp: &TempDir,
+        timeout: Duration,
+    ) -> Result<(Vec<String>, String), RigError> {
+        use std::os::unix::process::CommandExt;
+        let jobdir = tmp.path().join("job");
+        files.write_dir(&jobdir)?;
+        let tools_dir = self
+            .images
+            .guest_tools
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let path = format!(
+            "{}:{}:{}",
+            self.images.rig_bin.display(),
+            tools_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let (reader, writer) = std::io::pipe().map_err(|source| RigError::Io {
+            what: "creating a pipe",
+            source,
+        })?;
+        let writer2 = writer.try_clone().map_err(|source| RigError::Io {
+            what: "creating a pipe",
+            source,
+        })?;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg(self.images.rig_bin.join("rig-job"))
+            .arg(&jobdir)
+            .env("PATH", path)
+            .env("EBB_RIG", "host")
+            .env("EBB_L2_KERNEL", &self.images.l2_kernel)
+            .env("EBB_L2_VMLINUX", &self.images.l2_vmlinux)
+            .env("EBB_L2_INITRAMFS", &self.images.l2_initramfs)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(writer2)
+            .process_group(0);
+        let child = cmd.spawn().map_err(|source| RigError::Spawn {
+            program: "sh rig-job".into(),
+            source,
+        })?;
+        // The Command still holds the pipe's write ends: drop it so EOF arrives when the job ends.
+        drop(cmd);
+        self.collect_from(child, Box::new(reader), timeout, true)
+    }
+
+    fn collect(
+        &self,
+        mut child: Child,
+        timeout: Duration,
+        group: bool,
+    ) -> Result<(Vec<String>, String), RigError> {
+        let out = child.stdout.take().ok_or(RigError::Io {
+            what: "taking QEMU's stdout",
+            source: std::io::ErrorKind::BrokenPipe.into(),
+        })?;
+        self.collect_from(child, Box::new(out), timeout, group)
+    }
+
+    /// Reads console lines until EOF or the timeout; kills the process (group) on timeout.
+    fn collect_from(
+        &self,
+        mut child: Child,
+        out: Box<dyn Read + Send>,
+        timeout: Duration,
+        group: bool,
+    ) -> Result<(Vec<String>, String), RigError> {
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = e.read_to_string(&mut s);
+                s
+            })
+        });
+        let (tx, rx) = mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_string();
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let deadline = Instant::now() + timeout;
+        let mut console = Vec::new();
+        let mut timed_out = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if self.echo {
+                        eprintln!("{line}");
+                    }
+                    console.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    timed_out = true;
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if timed_out {
+            kill(&mut child, group);
+        }
+        let status = child.wait().map_err(|source| RigError::Io {
+            what: "waiting for the run",
+            source,
+        })?;
+        let _ = reader.join();
+        let err_text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+        if timed_out {
+            let mut t = tail(&console);
+            if !err_text.is_empty() {
+                t = format!("{t}\n[stderr]\n{}", last_lines(&err_text, 10));
+            }
+            return Err(RigError::Timeout {
+                after: timeout,
+                tail: t,
+            });
+        }
+        let mut exit = status.to_string();
+        let errs = last_lines(&err_text, 10);
+        if !errs.is_empty() && !status.success() {
+            exit = format!("{exit}; stderr:\n{errs}");
+        }
+        Ok((console, exit))
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    // QEMU's TCG prints one warning per CPUID feature it cannot emulate: not interesting.
+    let lines: Vec<&str> = s
+        .lines()
+        .filter(|l| !l.contains("TCG doesn't support requested feature"))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn kill(child: &mut Child, group: bool) {
+    if group {
+        let pgid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) with a negative pid signals the process group we created for this job
+        // (process_group(0) made the child its leader); it touches no memory of ours.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
+}
