@@ -104,10 +104,8 @@ fn handlers_resolve_defer_retry_and_see_removes() {
     assert!(t0.elapsed() < Duration::from_secs(10));
     for p in (0..PAGES).step_by(2) {
         // SAFETY: inside the mapping, present now.
-        assert_eq!(
-            unsafe { ((base + p * PAGE) as *const u64).read_volatile() },
-            p
-        );
+        let v = unsafe { ((base + p * PAGE) as *const u64).read_volatile() };
+        assert_eq!(v, p);
     }
     let c = ctl.counts();
     assert_eq!(resolver.resolved.load(Ordering::Relaxed), PAGES);

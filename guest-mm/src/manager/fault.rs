@@ -8,13 +8,19 @@
 //! the leaf and zaps the page) or neither. The fill ioctl never waits for an event: while a
 //! remove event is pending it fails with EAGAIN, and the fault is deferred.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{FillMode, Inner};
 use crate::range::{GpaRange, PAGE_SIZE};
 use crate::sys::{UFFD_PAGEFAULT_FLAG_WRITE, UffdIoError, Userfaultfd};
 use crate::tables::PageSize;
 use crate::uffd::{FaultOutcome, FaultResolver};
+
+/// Counts an error; true for the 1st, 2nd, 4th, 8th, ... so that a failure repeating on every
+/// fault does not log once per page.
+fn first_of_many(counter: &AtomicU64) -> bool {
+    (counter.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+}
 
 impl Inner {
     fn fill(
@@ -108,8 +114,9 @@ impl FaultResolver for Inner {
                         return FaultOutcome::Deferred;
                     }
                     Err(UffdIoError::Failed(e)) => {
-                        c.fault_errors.fetch_add(1, Ordering::Relaxed);
-                        log::warn!("fault-around fill at {:#x} failed: {e}", region.host + win);
+                        if first_of_many(&c.fault_errors) {
+                            log::warn!("fault-around fill at {:#x} failed: {e}", region.host + win);
+                        }
                         // Fall back to the single page.
                     }
                 }
@@ -127,8 +134,9 @@ impl FaultResolver for Inner {
                 // recorded and the faulting thread is awake.
                 c.eexist.fetch_add(1, Ordering::Relaxed);
                 self.record(region.gpa, off, 1);
-                if let Err(e) = uffd.wake(page_addr, PAGE_SIZE) {
-                    c.fault_errors.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = uffd.wake(page_addr, PAGE_SIZE)
+                    && first_of_many(&c.fault_errors)
+                {
                     log::warn!("waking {page_addr:#x} failed: {e}");
                 }
                 FaultOutcome::Resolved
@@ -138,8 +146,9 @@ impl FaultResolver for Inner {
                 FaultOutcome::Deferred
             }
             Err(UffdIoError::Failed(e)) => {
-                c.fault_errors.fetch_add(1, Ordering::Relaxed);
-                log::warn!("filling {page_addr:#x} failed: {e}");
+                if first_of_many(&c.fault_errors) {
+                    log::warn!("filling {page_addr:#x} failed: {e}");
+                }
                 FaultOutcome::Failed
             }
         }
