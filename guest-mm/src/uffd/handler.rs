@@ -51,8 +51,13 @@ pub(super) fn run<R: FaultResolver + ?Sized>(
             let n = match uffd.read_msgs(&mut buf) {
                 Ok(n) => n,
                 Err(e) => {
-                    stats.io_errors.fetch_add(1, Ordering::Relaxed);
-                    log::error!("fault handler {index}: {e}");
+                    // Should not happen on a set-up userfaultfd; log sparsely and back off
+                    // rather than spin on a descriptor that keeps failing.
+                    let n = stats.io_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        log::error!("fault handler {index} ({n} read errors): {e}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                     0
                 }
             };
