@@ -37,6 +37,10 @@ pub struct Cli {
     /// userfaultfd handler threads when tracking.
     #[arg(long = "fault-threads")]
     pub fault_threads: Option<u64>,
+    /// Offer AVX and later XSAVE state (off by default: nested KVM under emulation
+    /// reports inconsistent XSAVE sizes that crash Linux 6.18).
+    #[arg(long = "full-xsave")]
+    pub full_xsave: bool,
 }
 
 impl Cli {
@@ -55,6 +59,7 @@ impl Cli {
             api_sock: self.api_sock,
             track: self.no_track.then_some(false),
             fault_threads: self.fault_threads,
+            full_xsave: self.full_xsave.then_some(true),
         };
         VmConfig::validate(file.overlay(flags))
     }

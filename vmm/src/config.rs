@@ -83,6 +83,8 @@ pub struct ConfigFile {
     pub track: Option<bool>,
     /// Number of userfaultfd handler threads when tracking.
     pub fault_threads: Option<u64>,
+    /// Offer the host's full XSAVE state (AVX and up) instead of x87/SSE only.
+    pub full_xsave: Option<bool>,
 }
 
 impl ConfigFile {
@@ -114,6 +116,7 @@ impl ConfigFile {
             api_sock: over.api_sock.or(self.api_sock),
             track: over.track.or(self.track),
             fault_threads: over.fault_threads.or(self.fault_threads),
+            full_xsave: over.full_xsave.or(self.full_xsave),
         }
     }
 }
@@ -137,6 +140,8 @@ pub struct VmConfig {
     pub track: bool,
     /// userfaultfd handler threads.
     pub fault_threads: usize,
+    /// Offer AVX and later XSAVE state to the guest.
+    pub full_xsave: bool,
 }
 
 impl VmConfig {
@@ -179,6 +184,7 @@ impl VmConfig {
             api_sock: file.api_sock,
             track: file.track.unwrap_or(true),
             fault_threads,
+            full_xsave: file.full_xsave.unwrap_or(false),
         })
     }
 

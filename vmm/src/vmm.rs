@@ -116,7 +116,7 @@ pub fn run(config: VmConfig, devices: Vec<Box<dyn VirtioDevice>>) -> Result<RunO
     let signal_fd = event_loop::block_stop_signals()?;
 
     let memory = Arc::new(VmMemory::new(&config)?);
-    let vm = Vm::new()?;
+    let vm = Vm::new(!config.full_xsave)?;
     // SAFETY: guest RAM is mapped for the rest of the process's life (see `memory`).
     unsafe { vm.add_ram(memory.host_addr(), memory.size() as u64)? };
     let mem = memory.vm_memory().clone();

@@ -22,6 +22,8 @@ pub struct CpuTopology {
     pub count: u8,
     /// Whether the in-kernel LAPIC supports the TSC-deadline timer.
     pub tsc_deadline: bool,
+    /// Offer only x87/SSE XSAVE state (see [`sanitize_xstate`]).
+    pub legacy_xsave: bool,
 }
 
 fn bits_for(count: u8) -> u32 {
@@ -29,8 +31,109 @@ fn bits_for(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
+const LEAF_EXT_FEATURES: u32 = 0x7;
+const LEAF_XSTATE: u32 = 0xd;
+const ECX_AVX: u32 = 1 << 28;
+const ECX_FMA: u32 = 1 << 12;
+const ECX_XSAVE: u32 = 1 << 26;
+const ECX_OSXSAVE: u32 = 1 << 27;
+const ECX_F16C: u32 = 1 << 29;
+const EBX7_AVX2: u32 = 1 << 5;
+/// AVX512F, DQ, IFMA, PF, ER, CD, BW, VL.
+const EBX7_AVX512_ALL: u32 =
+    (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+const EBX7_MPX: u32 = 1 << 14;
+const EBX7_AVX512F: u32 = 1 << 16;
+const ECX7_PKU: u32 = 1 << 3;
+const EDX7_AMX_TILE: u32 = 1 << 24;
+/// Size of the legacy XSAVE area plus header (x87 and SSE state).
+const XSAVE_LEGACY_SIZE: u32 = 576;
+
+fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<kvm_cpuid_entry2> {
+    entries
+        .iter()
+        .find(|e| e.function == function && e.index == index)
+        .copied()
+}
+
+/// Makes leaf 0xd agree with the feature bits: an XSAVE component whose feature is not
+/// advertised is removed, and the size fields are recomputed. Nested KVM can report AVX
+/// state in leaf 0xd without AVX in leaf 1, which makes Linux's xstate set-up fail.
+///
+/// With `legacy_only`, XSAVE is hidden altogether (the guest uses FXSAVE) and so is the
+/// AVX family:
+/// nested KVM on an emulated host can leave leaf 0xd's size for the enabled state stale,
+/// which Linux 6.18 turns into a NULL dereference at boot.
+pub fn sanitize_xstate(entries: &mut [kvm_cpuid_entry2], legacy_only: bool) {
+    if legacy_only {
+        for e in entries.iter_mut() {
+            match (e.function, e.index) {
+                (LEAF_FEATURES, _) => {
+                    e.ecx &= !(ECX_AVX | ECX_FMA | ECX_F16C | ECX_XSAVE | ECX_OSXSAVE)
+                }
+                (LEAF_EXT_FEATURES, 0) => e.ebx &= !(EBX7_AVX2 | EBX7_AVX512_ALL),
+                (LEAF_XSTATE, _) => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = 0;
+                    e.edx = 0;
+                }
+                _ => {}
+            }
+        }
+        return;
+    }
+    let leaf1 = find(entries, LEAF_FEATURES, 0).unwrap_or_default();
+    let leaf7 = find(entries, LEAF_EXT_FEATURES, 0).unwrap_or_default();
+    let mut allowed: u64 = 0b11;
+    if leaf1.ecx & ECX_AVX != 0 {
+        allowed |= 1 << 2;
+    }
+    if leaf7.ebx & EBX7_MPX != 0 {
+        allowed |= 0b11 << 3;
+    }
+    if leaf7.ebx & EBX7_AVX512F != 0 && allowed & (1 << 2) != 0 {
+        allowed |= 0b111 << 5;
+    }
+    if leaf7.ecx & ECX7_PKU != 0 {
+        allowed |= 1 << 9;
+    }
+    if leaf7.edx & EDX7_AMX_TILE != 0 {
+        allowed |= 0b11 << 17;
+    }
+    let Some(main) = find(entries, LEAF_XSTATE, 0) else {
+        return;
+    };
+    let offered = u64::from(main.eax) | (u64::from(main.edx) << 32);
+    let mask = offered & allowed;
+    let mut max_size = XSAVE_LEGACY_SIZE;
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == LEAF_XSTATE && e.index >= 2)
+    {
+        if e.index < 64 && mask & (1 << e.index) != 0 {
+            max_size = max_size.max(e.ebx.saturating_add(e.eax));
+        } else if e.index < 64 && offered & (1 << e.index) != 0 {
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+        }
+    }
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == LEAF_XSTATE && e.index == 0)
+    {
+        e.eax = mask as u32;
+        e.edx = (mask >> 32) as u32;
+        e.ebx = e.ebx.min(max_size);
+        e.ecx = max_size;
+    }
+}
+
 /// Rewrites the table in place for one vCPU.
 pub fn adjust(entries: &mut [kvm_cpuid_entry2], topo: CpuTopology) {
+    sanitize_xstate(entries, topo.legacy_xsave);
     let apic = u32::from(topo.apic_id);
     let count = u32::from(topo.count.max(1));
     for e in entries.iter_mut() {
@@ -118,6 +221,7 @@ mod tests {
                 apic_id: 3,
                 count: 4,
                 tsc_deadline: true,
+                legacy_xsave: false,
             },
         );
         assert_eq!(t[0].ebx >> 24, 3);
@@ -130,6 +234,46 @@ mod tests {
         assert_eq!(t[2].ebx, 4);
         assert_eq!(t[2].eax, 2);
         assert_eq!(t[3].ecx & 0xff, 3);
+    }
+
+    #[test]
+    fn xstate_without_avx_drops_the_avx_component() {
+        let mut t = vec![
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                index: 0,
+                eax: 7,
+                ebx: 0x240,
+                ecx: 0x340,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                index: 2,
+                eax: 0x100,
+                ebx: 0x240,
+                ..Default::default()
+            },
+        ];
+        sanitize_xstate(&mut t, false);
+        assert_eq!((t[1].eax, t[1].ecx), (3, 576));
+        assert_eq!(t[2].eax, 0);
+        t[0].ecx = ECX_AVX;
+        t[1].eax = 7;
+        t[2].eax = 0x100;
+        t[2].ebx = 0x240;
+        sanitize_xstate(&mut t, false);
+        assert_eq!((t[1].eax, t[1].ecx), (7, 832));
+        t[0].ecx |= ECX_XSAVE;
+        sanitize_xstate(&mut t, true);
+        assert_eq!((t[1].eax, t[1].ecx), (0, 0));
+        assert_eq!(t[0].ecx & ECX_XSAVE, 0);
+        assert_eq!(t[0].ecx & ECX_AVX, 0);
     }
 
     #[test]

@@ -38,11 +38,12 @@ pub struct Vm {
     fd: VmFd,
     cpuid: CpuId,
     tsc_deadline: bool,
+    legacy_xsave: bool,
 }
 
 impl Vm {
     /// Opens /dev/kvm and creates a VM with an in-kernel irqchip and PIT.
-    pub fn new() -> Result<Self, KvmError> {
+    pub fn new(legacy_xsave: bool) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         for (cap, name) in [
             (Cap::Irqchip, "IRQCHIP"),
@@ -81,6 +82,7 @@ impl Vm {
             fd,
             cpuid,
             tsc_deadline,
+            legacy_xsave,
         })
     }
 
@@ -125,6 +127,7 @@ impl Vm {
                 apic_id: index,
                 count,
                 tsc_deadline: self.tsc_deadline,
+                legacy_xsave: self.legacy_xsave,
             },
         );
         fd.set_cpuid2(&cpuid)
