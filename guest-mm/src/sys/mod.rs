@@ -5,8 +5,8 @@
 //! take offsets into it and check them against the mapping's length first, so no caller can make
 //! them touch memory outside a mapping this module created.
 //!
-//! The userfaultfd uapi structures and ioctl numbers are defined here from `linux/userfaultfd.h`;
-//! the tests at the bottom make the real calls to check them.
+//! The userfaultfd uapi structures and ioctl numbers are written out in `uffd.rs` from
+//! `linux/userfaultfd.h`; `tests/uffd_sys.rs` makes the real calls to check them.
 
 use std::ffi::CString;
 use std::io;
