@@ -208,7 +208,7 @@ pub struct MmStats {
     pub tables: TableStats,
     /// Faults resolved (a fault-around fill counts once).
     pub faults_resolved: u64,
-    /// Pages filled by fault-around beyond... all pages filled by fault-around windows.
+    /// Pages filled by fault-around windows (including the faulting pages).
     pub fault_around_pages: u64,
     /// Fills that met an already-present page (EEXIST).
     pub eexist: u64,
@@ -256,6 +256,10 @@ pub(crate) struct Inner {
 }
 
 /// Guest memory: regions + second-level tables + host backing + the fault path.
+///
+/// `Send + Sync`; every method takes `&self`. Dropping it stops the handler threads and unmaps
+/// the regions, so every thread that touches guest memory (vCPUs, devices) must be stopped first:
+/// a thread still waiting on a fault would otherwise find its page unmapped.
 pub struct GuestMm {
     // Dropped first: stop the handler threads before the state they use goes away.
     handlers: Option<FaultHandlers>,
