@@ -41,6 +41,9 @@ pub struct Cli {
     /// reports inconsistent XSAVE sizes that crash Linux 6.18).
     #[arg(long = "full-xsave")]
     pub full_xsave: bool,
+    /// Pages guest-mm fills per fault (1 = only the faulting page).
+    #[arg(long = "fault-around")]
+    pub fault_around: Option<u32>,
 }
 
 impl Cli {
@@ -60,6 +63,7 @@ impl Cli {
             track: self.no_track.then_some(false),
             fault_threads: self.fault_threads,
             full_xsave: self.full_xsave.then_some(true),
+            fault_around: self.fault_around,
         };
         VmConfig::validate(file.overlay(flags))
     }

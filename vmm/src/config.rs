@@ -39,6 +39,9 @@ pub enum ConfigError {
     /// The memory size is out of range.
     #[error("memory-mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
     BadMemory(u64),
+    /// Fault-around is not a power of two up to 512.
+    #[error("fault-around must be a power of two from 1 to 512 pages, got {0}")]
+    BadFaultAround(u32),
     /// The command line has a NUL byte or is too long.
     #[error("kernel command line is invalid: {0}")]
     BadCmdline(&'static str),
@@ -83,8 +86,10 @@ pub struct ConfigFile {
     pub track: Option<bool>,
     /// Number of userfaultfd handler threads when tracking.
     pub fault_threads: Option<u64>,
-    /// Offer the host's full XSAVE state (AVX and up) instead of x87/SSE only.
+    /// Offer the host's full XSAVE state (AVX and up) instead of hiding XSAVE.
     pub full_xsave: Option<bool>,
+    /// Pages guest-mm fills per fault (1 = exact, a power of two up to 512).
+    pub fault_around: Option<u32>,
 }
 
 impl ConfigFile {
@@ -117,6 +122,7 @@ impl ConfigFile {
             track: over.track.or(self.track),
             fault_threads: over.fault_threads.or(self.fault_threads),
             full_xsave: over.full_xsave.or(self.full_xsave),
+            fault_around: over.fault_around.or(self.fault_around),
         }
     }
 }
@@ -142,6 +148,8 @@ pub struct VmConfig {
     pub fault_threads: usize,
     /// Offer AVX and later XSAVE state to the guest.
     pub full_xsave: bool,
+    /// Pages filled per fault.
+    pub fault_around: u32,
 }
 
 impl VmConfig {
@@ -173,6 +181,10 @@ impl VmConfig {
         if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::BadCmdline("it is longer than 64 KiB"));
         }
+        let fault_around = file.fault_around.unwrap_or(1);
+        if !fault_around.is_power_of_two() || fault_around > 512 {
+            return Err(ConfigError::BadFaultAround(fault_around));
+        }
         let fault_threads = file.fault_threads.unwrap_or(2).clamp(1, 64) as usize;
         Ok(VmConfig {
             kernel,
@@ -185,6 +197,7 @@ impl VmConfig {
             track: file.track.unwrap_or(true),
             fault_threads,
             full_xsave: file.full_xsave.unwrap_or(false),
+            fault_around,
         })
     }
 

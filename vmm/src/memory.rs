@@ -6,6 +6,9 @@
 
 use std::ptr::NonNull;
 
+use guest_mm::Strategy;
+use guest_mm::backing::ReleaseMode;
+use guest_mm::manager::{BackingSpec, FaultConfig, FillMode, GuestMm, ManagerError, RegionSpec};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Why guest RAM could not be set up or inspected.
@@ -23,6 +26,9 @@ pub enum MemoryError {
     /// vm-memory refused the mapping.
     #[error("cannot describe guest RAM to vm-memory: {0}")]
     Region(String),
+    /// guest-mm refused the layout or could not start its fault path.
+    #[error("guest-mm could not set up guest RAM")]
+    Tracker(#[source] ManagerError),
     /// mincore failed.
     #[error("cannot query residency of guest RAM")]
     Mincore(#[source] std::io::Error),
@@ -163,16 +169,48 @@ mod tests {
     }
 }
 
-/// Guest RAM plus, when tracking is on, the guest-mm fault path over it.
+/// Guest RAM plus, when tracking is on, guest-mm's userfaultfd fault path over it.
 pub struct VmMemory {
     ram: GuestRam,
+    tracker: Option<GuestMm>,
 }
 
 impl VmMemory {
-    /// Sets up guest RAM for `config`.
+    /// Sets up guest RAM for `config`: a guest-mm region with fault handlers when tracking,
+    /// a plain anonymous mapping otherwise.
     pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
-        let ram = GuestRam::anonymous(config.memory_bytes())?;
-        Ok(VmMemory { ram })
+        if !config.track {
+            let ram = GuestRam::anonymous(config.memory_bytes())?;
+            return Ok(VmMemory { ram, tracker: None });
+        }
+        let spec = RegionSpec {
+            gpa: 0,
+            len: config.memory_bytes(),
+            backing: BackingSpec::Anonymous { thp: false },
+        };
+        let faults = FaultConfig {
+            handler_threads: config.fault_threads,
+            fault_around_pages: config.fault_around,
+            fill: FillMode::default(),
+        };
+        let mm = GuestMm::new(&[spec], Strategy::Count, ReleaseMode::DontNeed, faults)
+            .map_err(MemoryError::Tracker)?;
+        let region = mm
+            .regions()
+            .first()
+            .copied()
+            .ok_or_else(|| MemoryError::Region("guest-mm returned no region".to_owned()))?;
+        let host = NonNull::new(region.host_addr as *mut u8)
+            .ok_or_else(|| MemoryError::Region("guest-mm region at address 0".to_owned()))?;
+        let len = usize::try_from(region.len)
+            .map_err(|_| MemoryError::Region("region too large".to_owned()))?;
+        // SAFETY: the region is guest-mm's mapping, which lives as long as `mm`; `mm` is
+        // kept in the returned value, which the VMM holds until the process exits.
+        let ram = unsafe { GuestRam::from_raw(host, len)? };
+        Ok(VmMemory {
+            ram,
+            tracker: Some(mm),
+        })
     }
 
     /// Host address of guest-physical 0.
@@ -190,12 +228,30 @@ impl VmMemory {
         self.ram.memory()
     }
 
-    /// Current memory figures.
+    /// guest-mm, when tracking.
+    pub fn tracker(&self) -> Option<&GuestMm> {
+        self.tracker.as_ref()
+    }
+
+    /// Current memory figures; `exact` also walks the tables for the minimum (slower).
     pub fn report(&self) -> Result<crate::report::MemoryReport, MemoryError> {
+        let tracked = self.tracker.as_ref().map(|mm| {
+            // Let in-flight faults finish so the figures are consistent.
+            mm.settle_faults(std::time::Duration::from_millis(200));
+            let st = mm.stats();
+            crate::report::TrackStats {
+                leaves_4k: st.tables.leaves_4k,
+                leaves_2m: st.tables.leaves_2m,
+                tables: st.tables.tables,
+                table_bytes: st.tables.table_bytes,
+                min_table_bytes: mm.tables().min_table_bytes(),
+                faults: st.faults_resolved,
+            }
+        });
         Ok(crate::report::MemoryReport {
             guest_bytes: self.ram.size() as u64,
             resident_pages: self.ram.resident_pages()?,
-            tracked: None,
+            tracked,
         })
     }
 }
