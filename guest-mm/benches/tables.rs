@@ -21,21 +21,24 @@ fn criterion_groups(c: &mut Criterion, quick: bool) {
             .warm_up_time(Duration::from_millis(50))
             .measurement_time(Duration::from_millis(200));
     } else {
-        g.sample_size(20)
-            .measurement_time(Duration::from_secs(2));
+        g.sample_size(20).measurement_time(Duration::from_secs(2));
     }
     for s in STRATEGIES {
-        g.bench_with_input(BenchmarkId::new("populate_4k", format!("{s:?}")), &s, |b, &s| {
-            b.iter_custom(|iters| {
-                let t = Tables::new(s);
-                let start = Instant::now();
-                for p in 0..iters {
-                    let gpa = p * PAGE_SIZE;
-                    let _ = std::hint::black_box(t.populate(gpa, gpa, PageSize::Size4K));
-                }
-                start.elapsed()
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("populate_4k", format!("{s:?}")),
+            &s,
+            |b, &s| {
+                b.iter_custom(|iters| {
+                    let t = Tables::new(s);
+                    let start = Instant::now();
+                    for p in 0..iters {
+                        let gpa = p * PAGE_SIZE;
+                        let _ = std::hint::black_box(t.populate(gpa, gpa, PageSize::Size4K));
+                    }
+                    start.elapsed()
+                })
+            },
+        );
         g.bench_with_input(BenchmarkId::new("lookup", format!("{s:?}")), &s, |b, &s| {
             let t = Tables::new(s);
             for p in 0..4 * 512 {

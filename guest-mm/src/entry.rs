@@ -118,7 +118,7 @@ mod tests {
         assert_eq!(addr(e), 0x7f00_1234_5000);
         assert_eq!(e & (LARGE | LAZY | MEMTYPE_WB), 0);
         assert!(!is_present(EMPTY));
-        assert_eq!(HOST_OFFSET_LIMIT - 1 & !ADDR_MASK, 0xfff);
+        assert_eq!((HOST_OFFSET_LIMIT - 1) & !ADDR_MASK, 0xfff);
         let _ = (ACCESSED, DIRTY);
     }
 }

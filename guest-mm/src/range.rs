@@ -81,10 +81,10 @@ pub struct GpaRange {
 impl GpaRange {
     /// Validates and builds a range.
     pub fn new(start: u64, len: u64) -> Result<Self, RangeError> {
-        if start % PAGE_SIZE != 0 {
+        if !start.is_multiple_of(PAGE_SIZE) {
             return Err(RangeError::UnalignedStart { start });
         }
-        if len % PAGE_SIZE != 0 {
+        if !len.is_multiple_of(PAGE_SIZE) {
             return Err(RangeError::UnalignedLen { len });
         }
         if len == 0 {
@@ -165,11 +165,11 @@ impl GpaRange {
 /// Appends `[start, start + len)` to `runs`, merging it into the last run when
 /// they touch. Runs are expected in ascending order.
 pub(crate) fn push_run(runs: &mut Vec<GpaRange>, start: u64, len: u64) {
-    if let Some(last) = runs.last_mut() {
-        if last.end() == start {
-            last.len += len;
-            return;
-        }
+    if let Some(last) = runs.last_mut()
+        && last.end() == start
+    {
+        last.len += len;
+        return;
     }
     runs.push(GpaRange::new_unchecked(start, len));
 }
@@ -189,7 +189,7 @@ mod tests {
             Err(RangeError::UnalignedLen { len: 12 })
         );
         assert_eq!(GpaRange::new(0, 0), Err(RangeError::Empty { start: 0 }));
-        let top = u64::MAX & !(PAGE_SIZE - 1);
+        let top = !(PAGE_SIZE - 1);
         assert!(matches!(
             GpaRange::new(top, PAGE_SIZE),
             Err(RangeError::Overflow { .. })

@@ -3,12 +3,18 @@
 //! Under `cfg(loom)` tables have two entries (see `range::LEVEL_BITS`), so
 //! a PT maps two pages and a PD two PTs; the protocol code is the real one.
 //! Run with:
-//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p guest-mm --release --test tables_loom`
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p guest-mm --release --test loom_reclaim`
 #![cfg(loom)]
 
 use guest_mm::{BLOCK_SIZE, GpaRange, PAGE_SIZE, PageSize, Populate, Strategy, Tables};
 use loom::sync::Arc;
 use loom::thread;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Executions explored, and executions that ended with a table freed by the
+/// slow path (plain std atomics: they count across loom executions).
+static EXECUTIONS: AtomicU64 = AtomicU64::new(0);
+static SLOW_FREES: AtomicU64 = AtomicU64::new(0);
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
@@ -24,9 +30,17 @@ fn off(gpa: u64) -> u64 {
 
 /// Invariants once every thread has joined.
 fn quiescent(t: &Tables, strategy: Strategy) {
+    EXECUTIONS.fetch_add(1, Ordering::Relaxed);
+    if t.stats().freed_slow > 0 {
+        SLOW_FREES.fetch_add(1, Ordering::Relaxed);
+    }
     assert_eq!(t.stats(), t.recount());
     t.audit().unwrap();
-    assert_eq!(t.graveyard_leaks(), 0, "a leaf was written into a freed table");
+    assert_eq!(
+        t.graveyard_leaks(),
+        0,
+        "a leaf was written into a freed table"
+    );
     if strategy != Strategy::Off {
         let all = GpaRange::new(0, guest_mm::range::GPA_LIMIT).unwrap();
         assert_eq!(t.empty_tables(all), 0);
@@ -68,6 +82,7 @@ fn populate_vs_discard_same_pt(strategy: Strategy) {
 /// The populate installs a sibling PT into the same PD, so the discard's
 /// try-lock of the PD can fail and the slow path runs.
 fn populate_sibling_vs_discard(strategy: Strategy) {
+    let slow_before = SLOW_FREES.load(Ordering::Relaxed);
     model(move || {
         let t = Arc::new(Tables::new(strategy));
         t.populate(0, off(0), PageSize::Size4K).unwrap();
@@ -89,6 +104,13 @@ fn populate_sibling_vs_discard(strategy: Strategy) {
         assert_eq!(t.lookup(BLOCK_SIZE).unwrap().host_offset, off(BLOCK_SIZE));
         quiescent(&t, strategy);
     });
+    // The model must have reached the slow path, or it proves little.
+    assert!(SLOW_FREES.load(Ordering::Relaxed) > slow_before);
+    eprintln!(
+        "{strategy:?}: {} executions so far, {} with a slow-path free",
+        EXECUTIONS.load(Ordering::Relaxed),
+        SLOW_FREES.load(Ordering::Relaxed)
+    );
 }
 
 /// Two discards each clear one of the PT's two leaves; exactly one of them

@@ -66,14 +66,14 @@ fn bad_populates_change_nothing() {
     let before = t.stats();
     let bad = [
         (GPA_LIMIT, 0, PageSize::Size4K),
-        (u64::MAX & !0xfff, 0, PageSize::Size4K),
+        (!0xfff, 0, PageSize::Size4K),
         (GPA_LIMIT - PAGE_SIZE, 0, PageSize::Size2M),
         (0x1001, 0, PageSize::Size4K),
         (PAGE_SIZE, 0, PageSize::Size2M),
         (BLOCK_SIZE, 0x1234, PageSize::Size4K),
         (BLOCK_SIZE, PAGE_SIZE, PageSize::Size2M),
         (BLOCK_SIZE, 1 << 52, PageSize::Size4K),
-        (BLOCK_SIZE, u64::MAX & !0x1f_ffff, PageSize::Size2M),
+        (BLOCK_SIZE, !0x1f_ffff, PageSize::Size2M),
         (0, 0, PageSize::Size2M), // 4K mappings already there
     ];
     for (gpa, off, size) in bad {

@@ -13,7 +13,8 @@ fn fill(t: &Tables, start: u64, pages: u64) {
     for p in 0..pages {
         let gpa = start + p * PAGE_SIZE;
         assert_eq!(
-            t.populate(gpa, gpa + 0x1000_0000, PageSize::Size4K).unwrap(),
+            t.populate(gpa, gpa + 0x1000_0000, PageSize::Size4K)
+                .unwrap(),
             Populate::Installed
         );
     }
@@ -156,7 +157,10 @@ fn two_meg_leaves_split_on_partial_discard() {
         assert_eq!((st.leaves_2m, st.leaves_4k), (0, 510));
         assert_eq!(t.lookup(gpa + PAGE_SIZE), None);
         let l0 = t.lookup(gpa).unwrap();
-        assert_eq!((l0.host_offset, l0.size), (8 * BLOCK_SIZE, PageSize::Size4K));
+        assert_eq!(
+            (l0.host_offset, l0.size),
+            (8 * BLOCK_SIZE, PageSize::Size4K)
+        );
         let l3 = t.lookup(gpa + 3 * PAGE_SIZE).unwrap();
         assert_eq!(l3.host_offset, 8 * BLOCK_SIZE + 3 * PAGE_SIZE);
         check(&t);
@@ -168,7 +172,8 @@ fn whole_two_meg_leaf_discard_empties_block() {
     for s in ALL {
         let t = Tables::new(s);
         t.populate(0, 0, PageSize::Size2M).unwrap();
-        t.populate(BLOCK_SIZE, BLOCK_SIZE, PageSize::Size2M).unwrap();
+        t.populate(BLOCK_SIZE, BLOCK_SIZE, PageSize::Size2M)
+            .unwrap();
         let d = t.discard(range(0, BLOCK_SIZE)).unwrap();
         assert_eq!(d.pages_cleared, 512);
         assert_eq!(d.emptied_blocks, vec![range(0, BLOCK_SIZE)]);

@@ -11,7 +11,9 @@ use guest_mm::{
     BLOCK_SIZE, GpaRange, Leaf, PAGE_SIZE, PageSize, Populate, Strategy, TableError, Tables,
     min_table_bytes, range::GPA_LIMIT,
 };
-use proptest::prelude::{ProptestConfig, TestCaseError, prop_assert, prop_assert_eq, prop_oneof, proptest};
+use proptest::prelude::{
+    ProptestConfig, TestCaseError, prop_assert, prop_assert_eq, prop_oneof, proptest,
+};
 use proptest::strategy::Strategy as _;
 
 /// Region bases: two PDs in one PDPT, and a second PDPT.
@@ -21,12 +23,33 @@ const PAGES_PER_REGION: u64 = BLOCKS_PER_REGION * BLOCK_SIZE / PAGE_SIZE;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Populate4K { region: usize, page: u64 },
-    Populate2M { region: usize, block: u64 },
-    Discard { region: usize, page: u64, pages: u64 },
-    MarkLazy { region: usize, page: u64, pages: u64 },
-    Reclaim { region: usize, page: u64, pages: u64 },
-    Lookup { region: usize, page: u64 },
+    Populate4K {
+        region: usize,
+        page: u64,
+    },
+    Populate2M {
+        region: usize,
+        block: u64,
+    },
+    Discard {
+        region: usize,
+        page: u64,
+        pages: u64,
+    },
+    MarkLazy {
+        region: usize,
+        page: u64,
+        pages: u64,
+    },
+    Reclaim {
+        region: usize,
+        page: u64,
+        pages: u64,
+    },
+    Lookup {
+        region: usize,
+        page: u64,
+    },
 }
 
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -109,10 +132,7 @@ fn check_quiescent(t: &Tables, model: &Model, strategy: Strategy) -> Result<(), 
     let st = t.stats();
     let min = model.min_bytes();
     prop_assert_eq!(t.min_table_bytes(), min);
-    prop_assert_eq!(
-        st.leaves_4k + 512 * st.leaves_2m,
-        model.pages.len() as u64
-    );
+    prop_assert_eq!(st.leaves_4k + 512 * st.leaves_2m, model.pages.len() as u64);
     if strategy == Strategy::Off {
         prop_assert!(st.table_bytes >= min);
     } else {
@@ -125,7 +145,12 @@ fn check_quiescent(t: &Tables, model: &Model, strategy: Strategy) -> Result<(), 
 fn check_lookups(t: &Tables, model: &Model, r: GpaRange) -> Result<(), TestCaseError> {
     let mut gpa = r.start();
     while gpa < r.end() {
-        prop_assert_eq!(t.lookup(gpa), model.pages.get(&gpa).copied(), "gpa {:#x}", gpa);
+        prop_assert_eq!(
+            t.lookup(gpa),
+            model.pages.get(&gpa).copied(),
+            "gpa {:#x}",
+            gpa
+        );
         gpa += PAGE_SIZE;
     }
     Ok(())
@@ -182,7 +207,8 @@ fn run(strategy: Strategy, ops: Vec<Op>) -> Result<(), TestCaseError> {
             } => {
                 let r = range_of(region, page, pages);
                 m.split_partial(r);
-                let removed: Vec<u64> = m.pages.range(r.start()..r.end()).map(|(&g, _)| g).collect();
+                let removed: Vec<u64> =
+                    m.pages.range(r.start()..r.end()).map(|(&g, _)| g).collect();
                 let mut want_blocks = Vec::new();
                 let mut b = block_of(r.start());
                 while b < r.end() {
@@ -270,7 +296,11 @@ fn run(strategy: Strategy, ops: Vec<Op>) -> Result<(), TestCaseError> {
     prop_assert_eq!(t.stats(), t.recount());
     prop_assert!(t.audit().is_ok());
     for base in REGIONS {
-        check_lookups(&t, &m, GpaRange::new(base, PAGES_PER_REGION * PAGE_SIZE).unwrap())?;
+        check_lookups(
+            &t,
+            &m,
+            GpaRange::new(base, PAGES_PER_REGION * PAGE_SIZE).unwrap(),
+        )?;
     }
     Ok(())
 }

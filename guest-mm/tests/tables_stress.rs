@@ -21,7 +21,10 @@ const ROUND_TIME: Duration = Duration::from_millis(200);
 const OFFSET: u64 = 64 * BLOCK_SIZE;
 
 fn window_pages() -> u64 {
-    WINDOW.iter().map(|&(_, b)| b * BLOCK_SIZE / PAGE_SIZE).sum()
+    WINDOW
+        .iter()
+        .map(|&(_, b)| b * BLOCK_SIZE / PAGE_SIZE)
+        .sum()
 }
 
 /// Maps a page number in the window to its guest-physical address.
@@ -102,15 +105,14 @@ fn stress(strategy: Strategy) {
                 .map(|id| {
                     let (t, gens, stop) = (&t, &gens, &stop);
                     s.spawn(move || {
-                        let mut rng = Rng(seed ^ (id + 1) * 0x1234_5678_9abc);
+                        let mut rng = Rng(seed ^ ((id + 1) * 0x1234_5678_9abc));
                         let mut promised = Vec::new();
                         while !stop.load(Ordering::Relaxed) {
                             let gpa = page_gpa(rng.below(window_pages()));
                             if rng.below(64) == 0 {
                                 let block = gpa & !(BLOCK_SIZE - 1);
-                                let before: Vec<u64> = (0..512)
-                                    .map(|p| gens.get(block + p * PAGE_SIZE))
-                                    .collect();
+                                let before: Vec<u64> =
+                                    (0..512).map(|p| gens.get(block + p * PAGE_SIZE)).collect();
                                 let r = t.populate(block, block + OFFSET, PageSize::Size2M);
                                 if let Ok(Populate::Installed) = r {
                                     for (p, g) in before.into_iter().enumerate() {
@@ -189,7 +191,9 @@ fn stress(strategy: Strategy) {
         let mut kept = 0;
         for &(gpa, before) in &promised {
             if gens.get(gpa) == before {
-                let l = t.lookup(gpa).unwrap_or_else(|| panic!("lost leaf at {gpa:#x}"));
+                let l = t
+                    .lookup(gpa)
+                    .unwrap_or_else(|| panic!("lost leaf at {gpa:#x}"));
                 assert_eq!(l.host_offset, gpa + OFFSET);
                 kept += 1;
             }

@@ -26,6 +26,8 @@ pub struct Config {
     pub seed_blocks: u64,
     /// Interleaved rounds; medians are reported.
     pub rounds: usize,
+    /// Rounds of the side-by-side fault-path cost measurement.
+    pub fault_rounds: usize,
 }
 
 impl Config {
@@ -37,6 +39,7 @@ impl Config {
             scattered_pages: 32 * PAGES_PER_BLOCK,
             seed_blocks: 25 * 1024,
             rounds: 7,
+            fault_rounds: 101,
         }
     }
 
@@ -48,6 +51,7 @@ impl Config {
             scattered_pages: 2 * PAGES_PER_BLOCK,
             seed_blocks: 256,
             rounds: 3,
+            fault_rounds: 5,
         }
     }
 
@@ -87,6 +91,15 @@ pub struct SeedResult {
     pub block_ns: f64,
 }
 
+/// Side-by-side populate cost per strategy, nanoseconds per page.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultCost {
+    /// Fastest round.
+    pub min: f64,
+    /// Median round.
+    pub median: f64,
+}
+
 /// Everything the summary prints.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -96,6 +109,8 @@ pub struct Report {
     pub timings: Vec<Timings>,
     /// One entry per strategy, in [`STRATEGIES`] order.
     pub seeds: Vec<SeedResult>,
+    /// One entry per strategy, in [`STRATEGIES`] order.
+    pub fault: Vec<FaultCost>,
 }
 
 struct Rng(u64);
@@ -248,6 +263,27 @@ pub fn seed_workload(s: Strategy, blocks: u64) -> (u64, u64, f64, f64) {
     )
 }
 
+/// The fault-path cost of reclaim: populate throughput into fresh space,
+/// each strategy timed right after the others in every round (order
+/// rotating), many short rounds, so that machine noise hits all alike.
+pub fn fault_cost(pages: u64, rounds: usize) -> Vec<FaultCost> {
+    let n = STRATEGIES.len();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); n];
+    for round in 0..rounds {
+        for k in 0..n {
+            let i = (k + round) % n;
+            samples[i].push(populate_1t(STRATEGIES[i], pages));
+        }
+    }
+    samples
+        .into_iter()
+        .map(|v| FaultCost {
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            median: median(v),
+        })
+        .collect()
+}
+
 /// Runs everything, interleaving the strategies inside each round (rotating
 /// their order) so that they are measured side by side under the same load.
 pub fn run(config: Config) -> Report {
@@ -289,10 +325,12 @@ pub fn run(config: Config) -> Report {
             block_ns: median(std::mem::take(&mut seed_block[i])),
         })
         .collect();
+    let fault = fault_cost(config.pages / 4, config.fault_rounds);
     Report {
         config,
         timings,
         seeds,
+        fault,
     }
 }
 
@@ -306,11 +344,11 @@ pub fn format(r: &Report) -> String {
         "tables: {} pages ({} MiB) per column, {} lookups, {} scattered pages, \
          seeds' workload {} blocks ({} GiB), medians of {} interleaved rounds\n",
         c.pages,
-        c.pages * PAGE_SIZE >> 20,
+        (c.pages * PAGE_SIZE) >> 20,
         c.lookups,
         c.scattered_pages,
         c.seed_blocks,
-        c.seed_blocks * BLOCK_SIZE >> 30,
+        (c.seed_blocks * BLOCK_SIZE) >> 30,
         c.rounds
     );
     let _ = writeln!(
@@ -346,13 +384,26 @@ pub fn format(r: &Report) -> String {
             x.block_ns
         );
     }
-    let off_1t = r.timings[0].populate_1t;
-    let _ = writeln!(s, "\nfresh-space populate (1 thread) relative to Off:");
-    for (st, t) in STRATEGIES.iter().zip(&r.timings) {
+    let _ = writeln!(
+        s,
+        "\nfault-path cost, populate of {} fresh pages, {} interleaved rounds:\n",
+        c.pages / 4,
+        c.fault_rounds
+    );
+    let _ = writeln!(
+        s,
+        "| strategy | min ns/page | vs Off | median ns/page | vs Off |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    let off = r.fault[0];
+    for (st, f) in STRATEGIES.iter().zip(&r.fault) {
         let _ = writeln!(
             s,
-            "  {st:?}: {:+.1}%",
-            (t.populate_1t / off_1t - 1.0) * 100.0
+            "| {st:?} | {:.2} | {:+.1}% | {:.2} | {:+.1}% |",
+            f.min,
+            (f.min / off.min - 1.0) * 100.0,
+            f.median,
+            (f.median / off.median - 1.0) * 100.0
         );
     }
     s

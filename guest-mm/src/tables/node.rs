@@ -41,6 +41,27 @@ pub(crate) struct Meta {
     pub(crate) parent: Option<TablePtr>,
 }
 
+impl Meta {
+    /// Adds `n` to the live count. The caller holds `lock`, the only
+    /// writer, so a plain load and store suffice (no locked instruction on
+    /// the fault path).
+    #[inline]
+    pub(crate) fn count_add(&self, n: u32) {
+        debug_assert!(self.lock.is_held());
+        let c = self.count.load(Ordering::Relaxed);
+        self.count.store(c.wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Subtracts `n` from the live count; the caller holds `lock`.
+    #[inline]
+    pub(crate) fn count_sub(&self, n: u32) {
+        debug_assert!(self.lock.is_held());
+        let c = self.count.load(Ordering::Relaxed);
+        debug_assert!(c >= n, "live count underflow");
+        self.count.store(c.wrapping_sub(n), Ordering::Relaxed);
+    }
+}
+
 const META_OFFSET: usize = {
     let page = size_of::<Page>();
     let align = align_of::<Meta>();

@@ -5,7 +5,7 @@ use super::node::{TablePtr, TableRef};
 use super::sync::{Guard, Ordering, pin};
 use super::{Leaf, PageSize, Populate, ROOT_LEVEL, Strategy, TableError, Tables, index};
 use crate::entry;
-use crate::range::{GPA_LIMIT, PAGE_SIZE};
+use crate::range::GPA_LIMIT;
 
 /// Result of trying to fill an empty parent entry.
 pub(crate) enum Install {
@@ -104,7 +104,7 @@ impl Tables {
             }
             slot.store(new_leaf, Ordering::Release);
             if self.strategy == Strategy::Count {
-                meta.count.fetch_add(1, Ordering::Relaxed);
+                meta.count_add(1);
             }
             match size {
                 PageSize::Size4K => self.counters.leaves_4k.add(1),
@@ -126,9 +126,8 @@ impl Tables {
         i: usize,
         child_level: u8,
     ) -> Result<Install, TableError> {
-        let spare = TablePtr::alloc(child_level, i as u16, Some(parent.ptr())).ok_or(
-            TableError::OutOfMemory { level: child_level },
-        )?;
+        let spare = TablePtr::alloc(child_level, i as u16, Some(parent.ptr()))
+            .ok_or(TableError::OutOfMemory { level: child_level })?;
         let meta = parent.meta();
         meta.lock.lock();
         let outcome = if meta.dead.load(Ordering::Relaxed) {
@@ -143,7 +142,7 @@ impl Tables {
                 // any walker that reads this entry.
                 parent.entry(i).store(e, Ordering::Release);
                 if self.strategy == super::Strategy::Count {
-                    meta.count.fetch_add(1, Ordering::Relaxed);
+                    meta.count_add(1);
                 }
                 self.counters.tables[child_level as usize].fetch_add(1, Ordering::Relaxed);
                 meta.lock.unlock();
@@ -163,10 +162,10 @@ fn check_populate(gpa: u64, host_offset: u64, size: PageSize) -> Result<(), Tabl
     if gpa >= GPA_LIMIT || gpa.checked_add(bytes).is_none_or(|end| end > GPA_LIMIT) {
         return Err(TableError::OutOfSpace { gpa });
     }
-    if gpa % bytes != 0 {
+    if !gpa.is_multiple_of(bytes) {
         return Err(TableError::UnalignedGpa { gpa, size });
     }
-    if host_offset % bytes != 0 || host_offset % PAGE_SIZE != 0 {
+    if !host_offset.is_multiple_of(bytes) {
         return Err(TableError::UnalignedHostOffset {
             offset: host_offset,
             size,

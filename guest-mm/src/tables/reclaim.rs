@@ -123,6 +123,8 @@ impl Tables {
             if !whole {
                 return self.split(pd, index(block, 1), e).map(|_| Step::Again);
             }
+            out.cleared.reserve(1);
+            log.emptied_blocks.reserve(1);
             let meta = pd.meta();
             meta.lock.lock();
             let slot = pd.entry(index(block, 1));
@@ -132,7 +134,7 @@ impl Tables {
             }
             slot.store(entry::EMPTY, Ordering::Release);
             if self.strategy == Strategy::Count {
-                meta.count.fetch_sub(1, Ordering::Relaxed);
+                meta.count_sub(1);
             }
             let pages = BLOCK_SIZE / PAGE_SIZE;
             self.counters.leaves_2m.fetch_sub(1, Ordering::Relaxed);
@@ -151,6 +153,9 @@ impl Tables {
         // SAFETY: a present, non-large PD entry points at a PT, read while
         // pinned by `guard`.
         let pt = unsafe { pd.child(e) };
+        // Room for every run this block can add, so nothing allocates while
+        // the PT is locked.
+        out.cleared.reserve(ENTRIES_PER_TABLE / 2 + 1);
         let meta = pt.meta();
         meta.lock.lock();
         if meta.dead.load(Ordering::Relaxed) {
@@ -160,7 +165,9 @@ impl Tables {
         let mut cleared = 0u64;
         let mut page = sub_start;
         while page < sub_end {
-            let old = pt.entry(index(page, 0)).swap(entry::EMPTY, Ordering::AcqRel);
+            let old = pt
+                .entry(index(page, 0))
+                .swap(entry::EMPTY, Ordering::AcqRel);
             if entry::is_present(old) {
                 cleared += 1;
                 push_run(&mut out.cleared, page, PAGE_SIZE);
@@ -169,7 +176,7 @@ impl Tables {
         }
         if cleared != 0 {
             if self.strategy == Strategy::Count {
-                meta.count.fetch_sub(cleared as u32, Ordering::Relaxed);
+                meta.count_sub(cleared as u32);
             }
             self.counters.leaves_4k.sub(cleared);
             self.counters
@@ -221,15 +228,19 @@ impl Tables {
         caller: Caller,
         log: &mut FreeLog,
     ) {
+        // Tables unlinked here are retired, and the emptied block recorded,
+        // only after every lock is released: nothing allocates under a lock.
+        let mut unlinked: [Option<TablePtr>; LEVELS] = [None; LEVELS];
+        let mut emptied_block = None;
         loop {
             let cm = child.meta();
             let Some(parent_ptr) = cm.parent else {
                 cm.lock.unlock();
-                return;
+                break;
             };
             if !is_empty(child, how) {
                 cm.lock.unlock();
-                return;
+                break;
             }
             // SAFETY: the parent was walked through (or is the root) while
             // `guard` was held, so it stays allocated for 'g.
@@ -244,7 +255,7 @@ impl Tables {
                 if cm.dead.load(Ordering::Relaxed) || !is_empty(child, how) {
                     cm.lock.unlock();
                     pm.lock.unlock();
-                    return;
+                    break;
                 }
             }
             if pm.dead.load(Ordering::Relaxed)
@@ -255,11 +266,11 @@ impl Tables {
                 debug_assert!(false, "live table not linked from its parent");
                 cm.lock.unlock();
                 pm.lock.unlock();
-                return;
+                break;
             }
             slot.store(entry::EMPTY, Ordering::Release);
             if self.strategy == Strategy::Count {
-                pm.count.fetch_sub(1, Ordering::Relaxed);
+                pm.count_sub(1);
             }
             cm.dead.store(true, Ordering::Relaxed);
             let level = cm.level as usize;
@@ -272,11 +283,17 @@ impl Tables {
             counter.fetch_add(1, Ordering::Relaxed);
             log.freed[level] += 1;
             if level == 0 {
-                log.block(gpa & !(BLOCK_SIZE - 1));
+                emptied_block = Some(gpa & !(BLOCK_SIZE - 1));
             }
             cm.lock.unlock();
-            self.retire(guard, child.ptr());
+            unlinked[level] = Some(child.ptr());
             child = parent;
+        }
+        if let Some(block) = emptied_block {
+            log.block(block);
+        }
+        for t in unlinked.into_iter().flatten() {
+            self.retire(guard, t);
         }
     }
 
