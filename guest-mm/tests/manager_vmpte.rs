@@ -101,7 +101,7 @@ fn host_page_tables_and_rss_drop() {
         "scattered, Count: VmPTE {pte1} -> {pte2} kB"
     );
 
-    // The same with Off never frees a table, so the host keeps every PTE page.
+    // The same with Off never frees a table, so the host keeps every PTE page...
     let (_, pte1, pte2, rss_drop) = scenario(Strategy::Off, scattered);
     assert!(
         pte2 + PTE_KB / 10 >= pte1,
@@ -110,5 +110,25 @@ fn host_page_tables_and_rss_drop() {
     assert!(
         rss_drop >= LEN / 1024 * 9 / 10,
         "scattered, Off: RSS dropped {rss_drop} kB"
+    );
+
+    // ...until an explicit sweep frees the empty tables and releases their blocks whole.
+    let swept = std::sync::Mutex::new((0, 0));
+    scenario(Strategy::Off, |mm| {
+        scattered(mm);
+        let before = status_kb("VmPTE");
+        let sum = mm.reclaim(gpa_range(0, LEN).unwrap()).unwrap();
+        assert_eq!(sum.tables_freed[0], LEN / BLOCK_SIZE);
+        assert_eq!(sum.blocks_released, LEN / BLOCK_SIZE);
+        assert_eq!(
+            sum.release_calls, 1,
+            "adjacent emptied blocks merge into one call"
+        );
+        *swept.lock().unwrap() = (before, status_kb("VmPTE"));
+    });
+    let (before, after) = *swept.lock().unwrap();
+    assert!(
+        before - after >= PTE_KB * 9 / 10,
+        "Off + reclaim sweep: VmPTE {before} -> {after} kB"
     );
 }

@@ -108,7 +108,10 @@ fn handlers_resolve_defer_retry_and_see_removes() {
         assert_eq!(v, p);
     }
     // Counters are bumped just after the fill has woken the toucher: settle first.
-    assert!(ctl.settle(Duration::from_secs(5)), "handlers did not settle");
+    assert!(
+        ctl.settle(Duration::from_secs(5)),
+        "handlers did not settle"
+    );
     let c = ctl.counts();
     assert_eq!(resolver.resolved.load(Ordering::Relaxed), PAGES);
     assert!(c.deferred >= PAGES / 3, "deferred {} faults", c.deferred);
