@@ -127,7 +127,11 @@ fn give_back(len: u64) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let order = shuffled(pages, 0x9e37_79b9_7f4a_7c15);
     let mut after = Vec::new();
-    for strategy in [Strategy::Off, Strategy::Scan] {
+    for (strategy, sweep) in [
+        (Strategy::Off, false),
+        (Strategy::Scan, false),
+        (Strategy::Off, true),
+    ] {
         let faults = FaultConfig {
             handler_threads: 2,
             fault_around_pages: 16,
@@ -153,12 +157,21 @@ fn give_back(len: u64) {
             calls += s.release_calls;
             blocks += s.blocks_released;
         }
+        if sweep {
+            // Seed 000's user-triggered reclaim: one sweep over everything after the fact.
+            let s = mm
+                .reclaim(gpa_range(0, len).expect("range"))
+                .expect("reclaim");
+            calls += s.release_calls;
+            blocks += s.blocks_released;
+        }
         let t_discard = t0.elapsed();
         let pte2 = status_kb("VmPTE");
         let st = mm.stats();
         assert_eq!(st.tables.leaves_4k, 0);
         println!(
-            "| {strategy:?} | {pte0} | {pte1} | {pte2} | {:.3} | {} | {calls} | {blocks} | {:.2} | {:.2} | {:.0} |",
+            "| {strategy:?}{} | {pte0} | {pte1} | {pte2} | {:.3} | {} | {calls} | {blocks} | {:.2} | {:.2} | {:.0} |",
+            if sweep { " + reclaim sweep" } else { "" },
             (pte2 - pte0.min(pte2)) as f64 / (pte1 - pte0.min(pte1)).max(1) as f64,
             st.tables.table_bytes / 1024,
             t_touch.as_secs_f64(),
