@@ -3,7 +3,8 @@
 //! including the seeds' 50 GiB workload and the fault-path cost of reclaim.
 //!
 //! `cargo bench -p guest-mm --bench tables`; quick smoke run with
-//! `EBB_BENCH_QUICK=1` (or `-- --quick`).
+//! `EBB_BENCH_QUICK=1` (or `-- --quick`); `EBB_BENCH_SUMMARY_ONLY=1` skips the
+//! criterion groups and prints only the summary.
 
 #[path = "tables/measure.rs"]
 mod measure;
@@ -74,9 +75,11 @@ fn criterion_groups(c: &mut Criterion, quick: bool) {
 fn main() {
     let config = Config::from_env();
     let quick = config.seed_blocks < Config::full().seed_blocks;
-    let mut c = Criterion::default().configure_from_args();
-    criterion_groups(&mut c, quick);
-    c.final_summary();
+    if std::env::var_os("EBB_BENCH_SUMMARY_ONLY").is_none() {
+        let mut c = Criterion::default().configure_from_args();
+        criterion_groups(&mut c, quick);
+        c.final_summary();
+    }
     let report = measure::run(config);
     println!("\n{}", measure::format(&report));
 }
