@@ -67,16 +67,10 @@ enum Op {
 impl Inner {
     fn release_ranges(&self, ranges: &[GpaRange], op: Op) -> Result<DiscardSummary, ManagerError> {
         // Validate everything first: a refused request changes nothing.
-        let mut regions = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            let region = self.region_of(r)?;
-            let idx = self
-                .regions
-                .iter()
-                .position(|x| std::ptr::eq(x, region))
-                .unwrap_or(0);
-            regions.push(idx);
-        }
+        let regions = ranges
+            .iter()
+            .map(|r| self.region_index(r))
+            .collect::<Result<Vec<usize>, _>>()?;
         for (r, &i) in ranges.iter().zip(&regions) {
             self.regions[i].mark(r, true);
         }

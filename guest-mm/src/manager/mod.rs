@@ -494,15 +494,20 @@ impl Inner {
         self.regions.iter().find(|r| r.host_contains(addr))
     }
 
-    /// The region wholly containing `range`, or a clear error.
-    pub fn region_of(&self, range: &GpaRange) -> Result<&Region, ManagerError> {
+    /// Index of the region wholly containing `range`, or a clear error.
+    pub fn region_index(&self, range: &GpaRange) -> Result<usize, ManagerError> {
         self.regions
             .iter()
-            .find(|r| r.contains(range))
+            .position(|r| r.contains(range))
             .ok_or(ManagerError::NotInRegion {
                 start: range.start(),
                 end: range.end(),
             })
+    }
+
+    /// The region wholly containing `range`, or a clear error.
+    pub fn region_of(&self, range: &GpaRange) -> Result<&Region, ManagerError> {
+        Ok(&self.regions[self.region_index(range)?])
     }
 }
 
