@@ -136,11 +136,11 @@ impl StdinInput {
 }
 
 impl MutEventSubscriber for StdinInput {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 256];
         // SAFETY: reads at most `buf.len()` bytes from fd 0 into the local buffer.
         let n = unsafe { libc::read(STDIN, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) && n <= 0 {
+        if n <= 0 {
             // EOF or error: stop listening, the guest keeps running.
             let _ = ops.remove(Events::new_raw(STDIN, EventSet::IN));
             return;

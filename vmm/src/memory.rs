@@ -149,26 +149,6 @@ impl GuestRam {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vm_memory::Bytes;
-
-    #[test]
-    fn anonymous_ram_is_usable_and_residency_counts() {
-        let ram = GuestRam::anonymous(16 << 20).unwrap();
-        assert_eq!(ram.size(), 16 << 20);
-        assert_eq!(ram.resident_pages().unwrap(), 0);
-        for page in 0..10u64 {
-            ram.memory()
-                .write_obj(0xabu8, GuestAddress(page * 4096))
-                .unwrap();
-        }
-        assert_eq!(ram.resident_pages().unwrap(), 10);
-        assert!(ram.memory().write_obj(1u8, GuestAddress(16 << 20)).is_err());
-    }
-}
-
 /// Guest RAM plus, when tracking is on, guest-mm's userfaultfd fault path over it.
 pub struct VmMemory {
     ram: GuestRam,
@@ -253,5 +233,25 @@ impl VmMemory {
             resident_pages: self.ram.resident_pages()?,
             tracked,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn anonymous_ram_is_usable_and_residency_counts() {
+        let ram = GuestRam::anonymous(16 << 20).unwrap();
+        assert_eq!(ram.size(), 16 << 20);
+        assert_eq!(ram.resident_pages().unwrap(), 0);
+        for page in 0..10u64 {
+            ram.memory()
+                .write_obj(0xabu8, GuestAddress(page * 4096))
+                .unwrap();
+        }
+        assert_eq!(ram.resident_pages().unwrap(), 10);
+        assert!(ram.memory().write_obj(1u8, GuestAddress(16 << 20)).is_err());
     }
 }

@@ -94,7 +94,7 @@ fn ebb_boots_debian_runs_integrity_and_touch_and_reports() {
     // The report: every resident page is a leaf, the guest's own 64 Ki pages are covered,
     // and the tables are as small as those leaves allow.
     let leaves_4k = report_number(&text, "leaves:", "leaves:");
-    let resident = report_number(&text, "touched (resident):", "(");
+    let resident = report_number(&text, "touched (resident):", "MiB  (");
     let table_bytes = report_number(&text, "table bytes:", "table bytes:");
     let minimum = report_number(&text, "table bytes:", "minimum");
     let faults = report_number(&text, "faults handled:", "faults handled:");

@@ -120,10 +120,11 @@ impl BusDevice for SerialDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 && offset < 8 {
-            if let Err(e) = self.uart.write(offset as u8, data[0]) {
-                log::warn!("serial write failed: {e}");
-            }
+        if data.len() == 1
+            && offset < 8
+            && let Err(e) = self.uart.write(offset as u8, data[0])
+        {
+            log::warn!("serial write failed: {e}");
         }
     }
 }

@@ -152,11 +152,9 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], topo: CpuTopology) {
                     e.edx &= !EDX_HTT;
                 }
             }
-            LEAF_CACHE_PARAMS => {
+            LEAF_CACHE_PARAMS if e.eax & 0x1f != 0 => {
                 // EAX[31:26]: cores per package - 1; [25:14]: CPUs sharing this cache - 1.
-                if e.eax & 0x1f != 0 {
-                    e.eax = (e.eax & 0x3fff) | ((count - 1) << 26);
-                }
+                e.eax = (e.eax & 0x3fff) | ((count - 1) << 26);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 // One thread per core, `count` cores in one package.
