@@ -293,6 +293,44 @@ mod tests {
         ));
     }
 
+    struct Fixed;
+    impl ApiHandler for Fixed {
+        fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> ApiResponse {
+            ApiResponse::ok(serde_json::json!({"m": method, "p": path, "n": body.len()}))
+        }
+    }
+
+    #[test]
+    fn serves_over_a_real_socket() {
+        use event_manager::{EventManager, SubscriberOps};
+        let path = std::env::temp_dir().join(format!("ebb-api-{}.sock", std::process::id()));
+        let server = ApiServer::bind(&path, Box::new(Fixed)).unwrap();
+        let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new().unwrap();
+        em.add_subscriber(Box::new(server));
+        let p2 = path.clone();
+        let client = std::thread::spawn(move || {
+            let mut good = UnixStream::connect(&p2).unwrap();
+            good.write_all(b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut reply = String::new();
+            good.read_to_string(&mut reply).unwrap();
+            let mut bad = UnixStream::connect(&p2).unwrap();
+            bad.write_all(b"\x00\x01garbage\r\n\r\n").unwrap();
+            let mut reply_bad = String::new();
+            bad.read_to_string(&mut reply_bad).unwrap();
+            (reply, reply_bad)
+        });
+        while !client.is_finished() {
+            em.run_with_timeout(50).unwrap();
+        }
+        let (reply, reply_bad) = client.join().unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("\"p\":\"/vm\""), "{reply}");
+        assert!(reply_bad.starts_with("HTTP/1.1 400"), "{reply_bad}");
+        drop(em);
+        assert!(!path.exists(), "socket file removed on drop");
+    }
+
     #[test]
     fn renders_json() {
         let out = render(&ApiResponse::ok(serde_json::json!({"state": "running"})));
