@@ -6,11 +6,14 @@
 //! leaves and, depending on the [`Strategy`], frees every table that became
 //! empty before it returns. See `docs/DESIGN-guest-mm.md` for the protocol.
 //!
-//! Module map: `node` (one table: page + side metadata), `sync` (primitives,
+//! Module map: `node` (one table: page + side metadata), `arena` (exact
+//! 4 KiB table pages in 2 MiB slabs), `sync` (primitives,
 //! loom-switchable), `populate` (walk, install, lookup), `reclaim` (discard,
 //! fast/slow free path, sweep, split, lazy marking), `audit` (recount and
 //! invariant checks), `stats` (counters and the minimum footprint).
 
+#[cfg(not(loom))]
+mod arena;
 mod audit;
 mod node;
 mod populate;
@@ -28,6 +31,8 @@ use node::TablePtr;
 use stats::Counters;
 use sync::Guard;
 
+#[cfg(not(loom))]
+pub use arena::{ArenaStats, arena_stats};
 pub use stats::{TABLE_BYTES, TableStats, min_table_bytes};
 
 /// Number of table levels.
@@ -235,7 +240,8 @@ impl Tables {
     /// Creates an empty tree (just the root) using `strategy`.
     pub fn new(strategy: Strategy) -> Self {
         let Some(root) = TablePtr::alloc(ROOT_LEVEL, 0, None) else {
-            std::alloc::handle_alloc_error(node::layout());
+            // One page at start-up: nothing sensible can continue without it.
+            std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u64; 512]>());
         };
         let counters = Counters::new();
         counters.tables[ROOT_LEVEL as usize].store(1, sync::Ordering::Relaxed);

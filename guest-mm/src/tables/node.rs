@@ -1,16 +1,16 @@
-//! One table: a 4 KiB-aligned page of 512 atomic entries, followed in the
-//! same allocation by a small side structure (lock, dead marker, live count,
-//! level, parent link) that never counts as table bytes.
+//! One table: a 4 KiB-aligned page of exactly 512 atomic entries, plus a
+//! small side structure (lock, dead marker, live count, level, parent link)
+//! that never counts as table bytes.
 //!
-//! ```text
-//!  base (4096-aligned)                 base + 4096
-//!  [ entry 0 | entry 1 | ... | entry 511 ][ Meta ]
-//! ```
-//!
-//! The entry of a parent holds `base`, so a walker goes from entry to page
-//! with a mask, and from page to its metadata with a constant offset.
+//! Pages come from the slab arena (`arena.rs`), which keeps each page's
+//! metadata in a slot at the head of its slab. Under `cfg(loom)` a table is
+//! one `std::alloc` block instead, page first and metadata right after it
+//! (loom needs its atomics constructed and dropped, and the model never
+//! frees early). Either way the parent entry holds the page address, and
+//! the metadata is found from that address alone.
 
-use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
+#[cfg(loom)]
+use std::alloc::{Layout, alloc, dealloc};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
@@ -21,6 +21,7 @@ use crate::range::ENTRIES_PER_TABLE;
 /// Bytes of one table page: exactly the entries.
 pub const TABLE_BYTES: u64 = 4096;
 
+#[cfg(any(loom, test))]
 type Page = [AtomicU64; ENTRIES_PER_TABLE];
 
 /// Side metadata of one table.
@@ -62,13 +63,15 @@ impl Meta {
     }
 }
 
+#[cfg(loom)]
 const META_OFFSET: usize = {
     let page = size_of::<Page>();
     let align = align_of::<Meta>();
     page.div_ceil(align) * align
 };
 
-pub(crate) fn layout() -> Layout {
+#[cfg(loom)]
+fn layout() -> Layout {
     match Layout::from_size_align(META_OFFSET + size_of::<Meta>(), TABLE_BYTES as usize) {
         Ok(l) => l,
         Err(_) => unreachable!("constant layout is valid"),
@@ -100,30 +103,6 @@ impl TablePtr {
     /// Allocates a zeroed table. `None` if the allocator fails or returns an
     /// address the entry format cannot hold.
     pub(crate) fn alloc(level: u8, index: u16, parent: Option<TablePtr>) -> Option<TablePtr> {
-        let layout = layout();
-        // SAFETY: the layout has non-zero size.
-        let base = unsafe {
-            if cfg!(loom) {
-                alloc(layout)
-            } else {
-                alloc_zeroed(layout)
-            }
-        };
-        let base = NonNull::new(base)?;
-        if (base.as_ptr() as u64) & !entry::ADDR_MASK != 0 {
-            // SAFETY: allocated just above with this layout, never shared.
-            unsafe { dealloc(base.as_ptr(), layout) };
-            return None;
-        }
-        #[cfg(loom)]
-        {
-            let page = base.as_ptr().cast::<AtomicU64>();
-            for i in 0..ENTRIES_PER_TABLE {
-                // SAFETY: `i` is inside the page part of the fresh allocation,
-                // which is suitably aligned for AtomicU64.
-                unsafe { page.add(i).write(AtomicU64::new(0)) };
-            }
-        }
         let meta = Meta {
             lock: SpinLock::new(),
             dead: AtomicBool::new(false),
@@ -132,10 +111,38 @@ impl TablePtr {
             index,
             parent,
         };
-        // SAFETY: META_OFFSET is inside the allocation and aligned for Meta
-        // (the base is 4096-aligned and META_OFFSET a multiple of Meta's
-        // alignment); the memory is not yet shared.
-        unsafe { base.as_ptr().add(META_OFFSET).cast::<Meta>().write(meta) };
+        #[cfg(not(loom))]
+        let base = {
+            let base = super::arena::alloc_page()?;
+            // SAFETY: the slot belongs to this page, which nobody else holds;
+            // Meta has no destructor with effects, so overwriting a previous
+            // occupant's metadata needs no drop.
+            unsafe { super::arena::meta_slot(base).write(meta) };
+            base
+        };
+        #[cfg(loom)]
+        let base = {
+            let layout = layout();
+            // SAFETY: the layout has non-zero size.
+            let base = NonNull::new(unsafe { alloc(layout) })?;
+            let page = base.as_ptr().cast::<AtomicU64>();
+            for i in 0..ENTRIES_PER_TABLE {
+                // SAFETY: `i` is inside the page part of the fresh
+                // allocation, which is aligned for AtomicU64.
+                unsafe { page.add(i).write(AtomicU64::new(0)) };
+            }
+            // SAFETY: META_OFFSET is inside the allocation and aligned for
+            // Meta; the memory is not yet shared.
+            unsafe { base.as_ptr().add(META_OFFSET).cast::<Meta>().write(meta) };
+            base
+        };
+        if (base.as_ptr() as u64) & !entry::ADDR_MASK != 0 {
+            // Cannot happen for user-space addresses; refuse rather than
+            // build an entry that points elsewhere.
+            // SAFETY: just allocated, never shared.
+            unsafe { TablePtr(base).free() };
+            return None;
+        }
         Some(TablePtr(base))
     }
 
@@ -146,20 +153,26 @@ impl TablePtr {
     /// unreachable from the tree, and no thread may still hold a reference
     /// to it (the epoch guarantees this for retired tables).
     pub(crate) unsafe fn free(self) {
-        let base = self.0.as_ptr();
+        #[cfg(not(loom))]
+        // SAFETY: forwarded from the caller: the page came from the arena and
+        // is referenced by nobody.
+        unsafe {
+            super::arena::free_page(self.0)
+        };
         #[cfg(loom)]
         {
+            let base = self.0.as_ptr();
             let page = base.cast::<AtomicU64>();
             for i in 0..ENTRIES_PER_TABLE {
                 // SAFETY: initialized in `alloc`, dropped exactly once here.
                 unsafe { std::ptr::drop_in_place(page.add(i)) };
             }
-        }
-        // SAFETY: the caller guarantees exclusive access to a table built by
-        // `alloc`, whose Meta was written at META_OFFSET.
-        unsafe {
-            std::ptr::drop_in_place(base.add(META_OFFSET).cast::<Meta>());
-            dealloc(base, layout());
+            // SAFETY: the caller guarantees exclusive access to a table built
+            // by `alloc`, whose Meta was written at META_OFFSET.
+            unsafe {
+                std::ptr::drop_in_place(base.add(META_OFFSET).cast::<Meta>());
+                dealloc(base, layout());
+            }
         }
     }
 
@@ -215,9 +228,14 @@ impl<'a> TableRef<'a> {
     /// The side metadata.
     #[inline]
     pub(crate) fn meta(&self) -> &'a Meta {
-        // SAFETY: Meta was written at META_OFFSET by `alloc` and the table
-        // stays allocated for 'a.
-        unsafe { &*self.ptr.0.as_ptr().add(META_OFFSET).cast::<Meta>() }
+        #[cfg(not(loom))]
+        let meta = super::arena::meta_slot(self.ptr.0);
+        #[cfg(loom)]
+        // SAFETY: META_OFFSET lies inside the table's allocation.
+        let meta = unsafe { self.ptr.0.as_ptr().add(META_OFFSET).cast::<Meta>() };
+        // SAFETY: `alloc` wrote this table's Meta into that slot, and the
+        // table (hence its slot) stays allocated for 'a.
+        unsafe { &*meta }
     }
 
     /// The child table behind a non-leaf entry read from this table.
@@ -253,7 +271,7 @@ mod tests {
     #[test]
     fn table_page_is_one_aligned_page() {
         assert_eq!(size_of::<Page>() as u64, TABLE_BYTES);
-        assert_eq!(META_OFFSET as u64, TABLE_BYTES);
+        assert!(size_of::<Meta>() <= 32);
         let t = TablePtr::alloc(0, 0, None).unwrap();
         // SAFETY: freshly allocated, owned here.
         let r = unsafe { t.get() };
