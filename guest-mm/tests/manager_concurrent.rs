@@ -28,7 +28,7 @@ fn round(strategy: Strategy, release: ReleaseMode, backing: BackingSpec, fa: u32
     let faults = FaultConfig {
         handler_threads: 3,
         fault_around_pages: fa,
-        fill: if seed % 2 == 0 {
+        fill: if seed.is_multiple_of(2) {
             FillMode::ZeropageForReads
         } else {
             FillMode::AlwaysCopy

@@ -30,7 +30,7 @@ impl FaultResolver for Simple {
         let page = (addr - self.base) / PAGE;
         {
             let mut seen = self.first_seen.lock().unwrap();
-            if page % 3 == 0 && !seen[page as usize] {
+            if page.is_multiple_of(3) && !seen[page as usize] {
                 seen[page as usize] = true;
                 return FaultOutcome::Deferred;
             }
@@ -88,7 +88,7 @@ fn handlers_resolve_defer_retry_and_see_removes() {
                     // SAFETY: the page lies inside the live registered mapping; each toucher
                     // writes only its own pages.
                     unsafe {
-                        if p % 2 == 0 {
+                        if p.is_multiple_of(2) {
                             a.write_volatile(p);
                         } else {
                             assert_eq!(a.read_volatile(), 0);
