@@ -15,8 +15,10 @@
 //! A page's metadata is found from its address alone (slab base by masking,
 //! slot by page index). A freed page is released with `MADV_DONTNEED`, so its
 //! memory goes back to the host at once and it reads back as zero when it is
-//! handed out again. Slabs are never unmapped (a few reserved, non-resident
-//! megabytes of address space at most per 1 GiB of tables).
+//! handed out again; only the last [`CACHE_PAGES`] freed pages are kept
+//! resident instead (zeroed on reuse), so that a populate/discard churn does
+//! not pay a system call and a page fault per table. Slabs are never
+//! unmapped (address space only: their pages are resident only while used).
 
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
@@ -29,6 +31,8 @@ use crate::sys::{Advice, Mapping};
 const PAGE: usize = 4096;
 const SLAB_BYTES: usize = 2 << 20;
 const SLAB_PAGES: usize = SLAB_BYTES / PAGE;
+/// Freed pages kept resident for quick reuse (at most 256 KiB).
+pub const CACHE_PAGES: usize = 64;
 /// Pages at the start of every slab that hold the metadata slots.
 const HEADER_PAGES: usize = (SLAB_PAGES * size_of::<Meta>()).div_ceil(PAGE);
 
@@ -39,8 +43,10 @@ struct Inner {
     /// The slab pages are being carved from, and the next unused index.
     current: Option<&'static Mapping>,
     carve: usize,
-    /// Released pages, ready for reuse (addresses).
+    /// Released pages, ready for reuse (addresses); they read as zero.
     free: Vec<usize>,
+    /// Freed but still resident pages (at most CACHE_PAGES); zeroed on reuse.
+    cached: Vec<usize>,
 }
 
 /// The process-wide table page arena.
@@ -58,6 +64,7 @@ static ARENA: Arena = Arena {
         current: None,
         carve: SLAB_PAGES,
         free: Vec::new(),
+        cached: Vec::new(),
     }),
     live: AtomicU64::new(0),
     slabs: AtomicU64::new(0),
@@ -68,15 +75,23 @@ static ARENA: Arena = Arena {
 pub struct ArenaStats {
     /// Table pages handed out and not yet released.
     pub live_pages: u64,
-    /// 2 MiB slabs mapped (address space; only live pages and the metadata
-    /// header pages are resident).
+    /// Freed pages kept resident for reuse (at most [`CACHE_PAGES`]).
+    pub cached_pages: u64,
+    /// 2 MiB slabs mapped (address space; only live and cached pages and
+    /// the metadata header pages are resident).
     pub slabs: u64,
 }
 
 /// Current arena occupancy.
 pub fn arena_stats() -> ArenaStats {
+    let cached = ARENA
+        .inner
+        .lock()
+        .map(|i| i.cached.len())
+        .unwrap_or_else(|e| e.into_inner().cached.len());
     ArenaStats {
         live_pages: ARENA.live.load(Ordering::Relaxed),
+        cached_pages: cached as u64,
         slabs: ARENA.slabs.load(Ordering::Relaxed),
     }
 }
@@ -85,6 +100,15 @@ pub fn arena_stats() -> ArenaStats {
 /// mapped. Called without any table lock held.
 pub(crate) fn alloc_page() -> Option<NonNull<u8>> {
     let mut inner = ARENA.inner.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(addr) = inner.cached.pop() {
+        drop(inner);
+        ARENA.live.fetch_add(1, Ordering::Relaxed);
+        let page = NonNull::new(addr as *mut u8)?;
+        // SAFETY: a cached page is owned by the arena alone until handed out
+        // here; it is PAGE bytes inside a live slab.
+        unsafe { page.as_ptr().write_bytes(0, PAGE) };
+        return Some(page);
+    }
     let addr = match inner.free.pop() {
         Some(addr) => addr,
         None => {
@@ -117,7 +141,8 @@ pub(crate) fn alloc_page() -> Option<NonNull<u8>> {
     NonNull::new(addr as *mut u8)
 }
 
-/// Releases a page to the host and keeps its address for reuse.
+/// Takes a page back: keeps it resident for reuse if the cache has room,
+/// otherwise releases it to the host and keeps its address for reuse.
 ///
 /// # Safety
 /// `page` came from [`alloc_page`], is not referenced by anyone any more,
@@ -125,7 +150,13 @@ pub(crate) fn alloc_page() -> Option<NonNull<u8>> {
 pub(crate) unsafe fn free_page(page: NonNull<u8>) {
     let addr = page.as_ptr() as usize;
     let slab = {
-        let inner = ARENA.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = ARENA.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.cached.len() < CACHE_PAGES {
+            inner.cached.push(addr);
+            drop(inner);
+            ARENA.live.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         inner.slabs.get(&(addr & !(SLAB_BYTES - 1))).copied()
     };
     // The system call runs without the arena lock.

@@ -32,7 +32,7 @@ use stats::Counters;
 use sync::Guard;
 
 #[cfg(not(loom))]
-pub use arena::{ArenaStats, arena_stats};
+pub use arena::{ArenaStats, CACHE_PAGES, arena_stats};
 pub use stats::{TABLE_BYTES, TableStats, min_table_bytes};
 
 /// Number of table levels.
