@@ -231,3 +231,9 @@ fn discard_of_unmapped_space_is_cheap_and_harmless() {
     check(&t);
     assert_eq!(t.reclaim(whole).unwrap().tables_freed, [0; 4]);
 }
+
+#[test]
+fn tables_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tables>();
+}

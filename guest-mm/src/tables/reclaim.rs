@@ -400,6 +400,7 @@ impl Tables {
         self.sweep(&guard, root, ROOT_LEVEL, 0, range, &mut log);
         if log.freed.iter().any(|&n| n != 0) {
             flush(&guard);
+            log::debug!("sweep of {range:?} freed tables per level {:?}", log.freed);
         }
         Ok(Reclaim {
             emptied_blocks: log.emptied_blocks,
