@@ -306,20 +306,20 @@ fn run(strategy: Strategy, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn model_off(ops in proptest::collection::vec(op(), 1..40)) {
+    fn model_off(ops in proptest::collection::vec(op(), 1..60)) {
         run(Strategy::Off, ops)?;
     }
 
     #[test]
-    fn model_scan(ops in proptest::collection::vec(op(), 1..40)) {
+    fn model_scan(ops in proptest::collection::vec(op(), 1..60)) {
         run(Strategy::Scan, ops)?;
     }
 
     #[test]
-    fn model_count(ops in proptest::collection::vec(op(), 1..40)) {
+    fn model_count(ops in proptest::collection::vec(op(), 1..60)) {
         run(Strategy::Count, ops)?;
     }
 }
