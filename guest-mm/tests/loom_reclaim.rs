@@ -139,6 +139,77 @@ fn two_discards_race_to_free(strategy: Strategy) {
     });
 }
 
+/// A large (two-page, in the loom geometry) leaf is split by one partial
+/// discard while another discard clears the other half and a lookup reads
+/// it: the lookup sees the old offset or nothing, and the tree ends empty.
+fn split_vs_discard(strategy: Strategy) {
+    model(move || {
+        let t = Arc::new(Tables::new(strategy));
+        t.populate(0, off(0) & !(BLOCK_SIZE - 1), PageSize::Size2M)
+            .unwrap();
+        let base = off(0) & !(BLOCK_SIZE - 1);
+        let handles: Vec<_> = [0, PAGE_SIZE]
+            .into_iter()
+            .map(|gpa| {
+                let t = t.clone();
+                thread::spawn(move || {
+                    let d = t.discard(GpaRange::new(gpa, PAGE_SIZE).unwrap()).unwrap();
+                    assert_eq!(d.pages_cleared, 1);
+                })
+            })
+            .collect();
+        if let Some(l) = t.lookup(PAGE_SIZE) {
+            assert_eq!(l.host_offset, base + PAGE_SIZE);
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(t.lookup(0), None);
+        assert_eq!(t.lookup(PAGE_SIZE), None);
+        assert_eq!(t.stats().splits, 1);
+        quiescent(&t, strategy);
+    });
+}
+
+/// The explicit sweep runs while a populate builds a new path of tables:
+/// the sweep may free a table the populate just installed (still empty),
+/// and the populate must then walk again instead of using it.
+fn sweep_vs_populate(strategy: Strategy) {
+    model(move || {
+        let t = Arc::new(Tables::new(strategy));
+        let t1 = t.clone();
+        let sweeper = thread::spawn(move || {
+            let all = GpaRange::new(0, guest_mm::range::GPA_LIMIT).unwrap();
+            t1.reclaim(all).unwrap();
+        });
+        let r = t.populate(PAGE_SIZE, off(PAGE_SIZE), PageSize::Size4K);
+        assert_eq!(r.unwrap(), Populate::Installed);
+        sweeper.join().unwrap();
+        assert_eq!(t.lookup(PAGE_SIZE).unwrap().host_offset, off(PAGE_SIZE));
+        quiescent(&t, strategy);
+    });
+}
+
+#[test]
+fn scan_split_vs_discard() {
+    split_vs_discard(Strategy::Scan);
+}
+
+#[test]
+fn count_split_vs_discard() {
+    split_vs_discard(Strategy::Count);
+}
+
+#[test]
+fn off_sweep_vs_populate() {
+    sweep_vs_populate(Strategy::Off);
+}
+
+#[test]
+fn scan_sweep_vs_populate() {
+    sweep_vs_populate(Strategy::Scan);
+}
+
 #[test]
 fn scan_populate_vs_discard_same_pt() {
     populate_vs_discard_same_pt(Strategy::Scan);
