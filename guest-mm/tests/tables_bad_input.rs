@@ -1,5 +1,6 @@
 //! Hostile input: every bad range or address gives a clear error and leaves
 //! the tree exactly as it was.
+#![cfg(not(loom))]
 
 use guest_mm::range::GPA_LIMIT;
 use guest_mm::{

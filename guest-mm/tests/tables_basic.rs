@@ -1,4 +1,5 @@
 //! Single-threaded behaviour of the second-level tables.
+#![cfg(not(loom))]
 
 use guest_mm::tables::TABLE_BYTES;
 use guest_mm::{BLOCK_SIZE, GpaRange, Leaf, PAGE_SIZE, PageSize, Populate, Strategy, Tables};

@@ -1,6 +1,7 @@
 //! Smoke run of the table benchmarks in quick mode: the measurement code
 //! works, and the footprint targets hold (Scan and Count end at exactly the
 //! minimum table bytes after the seeds' workload, Off keeps every PT).
+#![cfg(not(loom))]
 
 #[path = "../benches/tables/measure.rs"]
 #[allow(dead_code)]

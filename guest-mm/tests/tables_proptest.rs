@@ -4,6 +4,7 @@
 //! After every discard with `Scan` and `Count`: no empty table remains, the
 //! counters equal a recount of the tree, table bytes equal the minimum for
 //! the leaves present, and lookups in the range agree with the model.
+#![cfg(not(loom))]
 
 use std::collections::{BTreeMap, BTreeSet};
 

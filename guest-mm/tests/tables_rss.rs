@@ -1,6 +1,7 @@
 //! The table bytes reported are the memory the tables really hold: each
 //! table costs one resident 4 KiB page, and a freed table's page goes back
 //! to the host once the epoch has passed.
+#![cfg(not(loom))]
 
 use guest_mm::tables::{TABLE_BYTES, arena_stats};
 use guest_mm::{BLOCK_SIZE, GpaRange, PageSize, Strategy, Tables};

@@ -7,6 +7,7 @@
 //! * every leaf seen maps the offset its populater chose;
 //! * no leak: counters equal a recount, the audit passes, and (Scan and
 //!   Count) no empty table remains and table bytes equal the minimum.
+#![cfg(not(loom))]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
