@@ -1,0 +1,92 @@
+//! The rig runs a program from the host inside L1 with its inputs and returns its output, exit
+//! status, samples and L1's page-table counters; timeouts kill the run. Needs
+//! `resources/setup.sh` to have run; fails otherwise.
+
+use std::time::{Duration, Instant};
+
+use ebb_harness::{Job, Mode, Rig, RigError};
+
+fn rig() -> Rig {
+    Rig::from_env().expect("rig images (run resources/setup.sh first)")
+}
+
+#[test]
+fn program_with_input_runs_in_l1() {
+    let rig = rig();
+    let dir = std::env::temp_dir().join(format!("ebb-rig-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("job.sh");
+    let data = dir.join("data.txt");
+    std::fs::write(&data, "payload-42\n").unwrap();
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncat data.txt\nls /l2\n[ -c /dev/kvm ] && echo have-kvm\n\
+         ebb-guest touch --mib 32 --hold-secs 2\necho to-stderr >&2\nexit 7\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let start = Instant::now();
+    let out = rig
+        .run(
+            &Job::program(&script, Vec::<String>::new())
+                .input(&data)
+                .sample("ebb-guest", 300)
+                .timeout(Duration::from_secs(300)),
+        )
+        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
+    eprintln!(
+        "rig_run: {:?} mode, took {:.1} s",
+        out.mode,
+        start.elapsed().as_secs_f64()
+    );
+    let text = out.output_text();
+    assert_eq!(out.status, 7, "exit status comes back:\n{text}");
+    assert!(text.contains("payload-42"), "input file readable:\n{text}");
+    assert!(text.contains("to-stderr"), "stderr captured:\n{text}");
+    if out.mode == Mode::Nested {
+        for f in ["bzImage", "vmlinux", "initramfs.cpio"] {
+            assert!(text.contains(f), "/l2/{f} present:\n{text}");
+        }
+        assert!(text.contains("have-kvm"), "/dev/kvm in L1:\n{text}");
+    }
+    let touch = out.result("touch").expect("touch result");
+    assert_eq!(touch.u64("pages"), Some(32 * 256));
+    let s = out
+        .samples
+        .iter()
+        .find(|s| s.comm == "ebb-guest")
+        .expect("a sample of ebb-guest");
+    assert!(
+        s.vm_rss_kb >= 32 * 1024,
+        "sampled while holding 32 MiB: {s:?}"
+    );
+    assert!(out.meminfo.page_tables_kb > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn timeout_kills_the_run() {
+    let rig = rig();
+    let start = Instant::now();
+    let err = rig
+        .run(&Job::shell("sleep 1000").timeout(Duration::from_secs(4)))
+        .unwrap_err();
+    assert!(matches!(err, RigError::Timeout { .. }), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn host_mode_runs_the_same_protocol() {
+    // The job runner itself, without a VM: what runs on a host with hardware KVM.
+    let mut rig = rig();
+    rig.mode = Mode::Host;
+    let out = rig
+        .run(
+            &Job::shell("ebb-guest touch --mib 8 && test -f \"$EBB_L2_KERNEL\" && echo l2-ok")
+                .timeout(Duration::from_secs(60)),
+        )
+        .unwrap_or_else(|e| panic!("host run failed: {e}"));
+    assert_eq!(out.status, 0, "{}", out.output_text());
+    assert!(out.output_text().contains("l2-ok"));
+    assert_eq!(out.result("touch").and_then(|r| r.u64("mib")), Some(8));
+}
