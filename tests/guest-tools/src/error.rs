@@ -17,6 +17,11 @@ pub enum ToolError {
         what: String,
         source: std::io::Error,
     },
+    /// Reading or writing a stream or file failed.
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     /// Unknown subcommand.
     UnknownCommand(String),
     /// An option value out of range.
@@ -29,6 +34,7 @@ impl fmt::Display for ToolError {
             ToolError::Args(_) => write!(f, "bad arguments"),
             ToolError::Mem(_) => write!(f, "memory operation failed"),
             ToolError::Qmp { what, .. } => write!(f, "QMP: {what}"),
+            ToolError::Io { what, .. } => write!(f, "cannot {what}"),
             ToolError::UnknownCommand(c) => write!(f, "unknown command '{c}'"),
             ToolError::Invalid(m) => write!(f, "{m}"),
         }
@@ -40,7 +46,7 @@ impl std::error::Error for ToolError {
         match self {
             ToolError::Args(e) => Some(e),
             ToolError::Mem(e) => Some(e),
-            ToolError::Qmp { source, .. } => Some(source),
+            ToolError::Qmp { source, .. } | ToolError::Io { source, .. } => Some(source),
             ToolError::UnknownCommand(_) | ToolError::Invalid(_) => None,
         }
     }

@@ -7,11 +7,13 @@
 //! ebb-guest hog       --mib N [--hold-secs S] [--release munmap|dontneed] [--after-secs S]
 //! ebb-guest integrity --mib N [--passes P] [--hold-secs S] [--churn-mib M --churn-secs S] [--wait-signal]
 //! ebb-guest qmp       --socket PATH [--timeout-secs S] -- JSON...
+//! ebb-guest lines     [--tee FILE]        (relay stdin to stdout one line per write)
 //! ```
 
 mod args;
 mod error;
 mod integrity;
+mod lines;
 mod mem;
 mod pattern;
 mod qmp;
@@ -21,8 +23,7 @@ mod workloads;
 
 use error::ToolError;
 
-const USAGE: &str =
-    "usage: ebb-guest <touch|churn|hog|integrity|qmp> [--option value]... (see the crate docs)";
+const USAGE: &str = "usage: ebb-guest <touch|churn|hog|integrity|qmp|lines> [--option value]... (see the crate docs)";
 
 fn run(argv: &[String]) -> Result<i32, ToolError> {
     let Some((cmd, rest)) = argv.split_first() else {
@@ -34,6 +35,7 @@ fn run(argv: &[String]) -> Result<i32, ToolError> {
         "hog" => workloads::hog(rest),
         "integrity" => integrity::integrity(rest),
         "qmp" => qmp::qmp(rest),
+        "lines" => lines::lines(rest),
         other => Err(ToolError::UnknownCommand(other.to_string())),
     }
 }

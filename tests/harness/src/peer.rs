@@ -39,13 +39,21 @@ impl PeerJob {
         }
     }
 
+    /// How long the guest may run inside L1: the timeout less a margin for booting L1, so a
+    /// stuck guest is reported by the peer (with its console) before the whole run is killed.
+    pub fn guest_limit_secs(&self) -> u64 {
+        let t = self.timeout.as_secs();
+        t.saturating_sub(120).max(t / 2).max(1)
+    }
+
     /// The shell line run in L1.
     pub fn shell_line(&self) -> String {
         format!(
-            "rig-peer -m {} -c {} -s {} -a {} -- {}",
+            "rig-peer -m {} -c {} -s {} -T {} -a {} -- {}",
             self.mem_mib,
             self.cpus,
             self.sample_ms,
+            self.guest_limit_secs(),
             sh_quote(&self.append),
             sh_quote(&self.guest_command)
         )
@@ -134,7 +142,7 @@ mod tests {
         p.append = "init_on_alloc=0".into();
         assert_eq!(
             p.shell_line(),
-            r"rig-peer -m 1024 -c 1 -s 1000 -a 'init_on_alloc=0' -- 'ebb-guest touch --mib 8 ; echo '\''x'\'''"
+            r"rig-peer -m 1024 -c 1 -s 1000 -T 480 -a 'init_on_alloc=0' -- 'ebb-guest touch --mib 8 ; echo '\''x'\'''"
         );
     }
 }
