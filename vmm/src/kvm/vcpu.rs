@@ -75,6 +75,27 @@ impl Vcpu {
             })
     }
 
+    /// Logs the registers that locate a crash (once, at the fatal exit).
+    fn log_state(&self, what: &str) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => log::error!(
+                "vCPU {} {what}: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
+                 cr4={:#x} efer={:#x} cs={:#x}",
+                self.index,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector
+            ),
+            _ => log::error!("vCPU {} {what}: registers unavailable", self.index),
+        }
+    }
+
     fn run(&mut self) {
         let control = self.control.clone();
         let index = self.index;
@@ -106,7 +127,10 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::Hlt) => {}
-                Ok(VcpuExit::Shutdown) => stop(ExitReason::TripleFault { vcpu: index }),
+                Ok(VcpuExit::Shutdown) => {
+                    self.log_state("triple fault");
+                    stop(ExitReason::TripleFault { vcpu: index })
+                }
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => stop(ExitReason::PowerOff),
                     KVM_SYSTEM_EVENT_RESET => stop(ExitReason::Reset),
@@ -121,6 +145,7 @@ impl Vcpu {
                     detail: format!("VM entry failed (hardware reason {reason:#x}, cpu {cpu})"),
                 }),
                 Ok(VcpuExit::InternalError) => {
+                    self.log_state("internal error");
                     let run = self.fd.get_kvm_run();
                     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
                     // `internal` member of the exit union.
