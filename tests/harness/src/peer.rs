@@ -92,18 +92,34 @@ impl Rig {
                 tail: String::new(),
             });
         }
-        let run = self.run(&Job::shell(peer.shell_line()).timeout(peer.timeout))?;
+        let mut attempt = 0;
+        let run = loop {
+            attempt += 1;
+            let run = self.run(&Job::shell(peer.shell_line()).timeout(peer.timeout))?;
+            let err = run
+                .output
+                .iter()
+                .find_map(|l| l.split_once("EBB-PEER-ERROR ").map(|x| x.1.to_string()));
+            match err {
+                None => break run,
+                // The guest never reached init: nothing under test has run yet. Nested TCG
+                // occasionally loses an L2 boot; one more try, said out loud.
+                Some(e) if e.starts_with("no-boot") && attempt < 2 => {
+                    log::warn!("peer: {e}; booting the guest once more");
+                    eprintln!("rig peer: {e}; booting the guest once more");
+                }
+                Some(e) => {
+                    return Err(RigError::Peer {
+                        message: e,
+                        tail: run.tail(),
+                    });
+                }
+            }
+        };
         let fail = |message: String| RigError::Peer {
             message,
             tail: run.tail(),
         };
-        if let Some(e) = run
-            .output
-            .iter()
-            .find_map(|l| l.split_once("EBB-PEER-ERROR ").map(|x| x.1))
-        {
-            return Err(fail(e.to_string()));
-        }
         let Some(guest_status) = run.guest_status else {
             return Err(fail("the guest printed no EBB-L2-END".into()));
         };

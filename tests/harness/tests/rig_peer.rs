@@ -17,7 +17,7 @@ fn peer_guest_keeps_data_through_churn() {
          ebb-guest churn --mode scattered --mib 512 --ops 20000"
     ));
     job.mem_mib = 1024;
-    job.timeout = Duration::from_secs(900);
+    job.timeout = Duration::from_secs(420);
     let start = Instant::now();
     let out = match rig.run_peer(&job) {
         Ok(o) => o,
