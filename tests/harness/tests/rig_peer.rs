@@ -2,6 +2,7 @@
 //! (with a churn running while the patterns are held) and both `churn` variants, and the parsed
 //! results must show no lost page. Needs `resources/setup.sh` to have run; fails otherwise.
 
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use ebb_harness::{PeerJob, Rig};
@@ -24,8 +25,10 @@ fn peer_guest_keeps_data_through_churn() {
         Err(e) => panic!("peer run failed: {e}"),
     };
     let took = start.elapsed();
-    eprintln!(
-        "rig_peer: {:?} mode, took {:.1} s",
+    // Written to the stream directly (not eprintln!) so it shows even when the test passes.
+    let _ = writeln!(
+        std::io::stderr(),
+        "rig_peer: {:?} mode, L1 + L2 boot and workloads took {:.1} s",
         out.run.mode,
         took.as_secs_f64()
     );
