@@ -42,7 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match vmm::run(config, Vec::new()) {
+    match vmm::run(config, |_| vmm::Plugins::default()) {
         Ok(outcome) => {
             eprintln!("\n{}", outcome.report.render());
             let exits: u64 = outcome.vcpu_stats.iter().map(|s| s.exits).sum();

@@ -29,6 +29,17 @@ pub enum MemoryError {
     /// guest-mm refused the layout or could not start its fault path.
     #[error("guest-mm could not set up guest RAM")]
     Tracker(#[source] ManagerError),
+    /// A discard range is unaligned, empty or outside guest RAM.
+    #[error("range {gpa:#x}+{len:#x} is not an aligned range inside guest RAM")]
+    BadRange {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// madvise failed.
+    #[error("cannot release guest memory")]
+    Discard(#[source] std::io::Error),
     /// mincore failed.
     #[error("cannot query residency of guest RAM")]
     Mincore(#[source] std::io::Error),
@@ -213,6 +224,37 @@ impl VmMemory {
         self.tracker.as_ref()
     }
 
+    /// Gives the host memory behind guest-physical `gpa..gpa+len` back (the balloon's path):
+    /// through guest-mm when tracking (leaves and empty tables go too), with a plain
+    /// `MADV_DONTNEED` otherwise. Returns the bytes released. The range must be 4 KiB aligned
+    /// and inside guest RAM; anything else is refused and nothing changes.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
+        let end = gpa
+            .checked_add(len)
+            .filter(|e| *e <= self.ram.size() as u64);
+        if len == 0 || !gpa.is_multiple_of(4096) || !len.is_multiple_of(4096) || end.is_none() {
+            return Err(MemoryError::BadRange { gpa, len });
+        }
+        if let Some(mm) = &self.tracker {
+            let range = guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Tracker)?;
+            let summary = mm.discard(range).map_err(MemoryError::Tracker)?;
+            return Ok(summary.host_bytes_released);
+        }
+        // SAFETY: the range was checked to lie inside the live guest mapping; MADV_DONTNEED
+        // on private anonymous memory only drops pages, which read back as zeros.
+        let rc = unsafe {
+            libc::madvise(
+                self.ram.host.as_ptr().add(gpa as usize).cast(),
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Discard(std::io::Error::last_os_error()));
+        }
+        Ok(len)
+    }
+
     /// Current memory figures; `exact` also walks the tables for the minimum (slower).
     pub fn report(&self) -> Result<crate::report::MemoryReport, MemoryError> {
         let tracked = self.tracker.as_ref().map(|mm| {
@@ -253,5 +295,39 @@ mod tests {
         }
         assert_eq!(ram.resident_pages().unwrap(), 10);
         assert!(ram.memory().write_obj(1u8, GuestAddress(16 << 20)).is_err());
+    }
+
+    fn untracked(mib: u64) -> VmMemory {
+        VmMemory {
+            ram: GuestRam::anonymous(mib << 20).unwrap(),
+            tracker: None,
+        }
+    }
+
+    #[test]
+    fn discard_checks_the_range_and_releases() {
+        let m = untracked(4);
+        for page in 0..8u64 {
+            m.vm_memory()
+                .write_obj(7u8, GuestAddress(page * 4096))
+                .unwrap();
+        }
+        assert_eq!(m.ram.resident_pages().unwrap(), 8);
+        for (gpa, len) in [
+            (1, 4096),
+            (0, 100),
+            (0, 0),
+            (4 << 20, 4096),
+            (u64::MAX - 4095, 4096),
+        ] {
+            assert!(matches!(
+                m.discard(gpa, len),
+                Err(MemoryError::BadRange { .. })
+            ));
+        }
+        assert_eq!(m.discard(0, 4 * 4096).unwrap(), 4 * 4096);
+        assert_eq!(m.ram.resident_pages().unwrap(), 4);
+        let v: u8 = m.vm_memory().read_obj(GuestAddress(0)).unwrap();
+        assert_eq!(v, 0);
     }
 }

@@ -63,6 +63,16 @@ pub enum VmmError {
     Thread(#[source] std::io::Error),
 }
 
+/// What a device crate adds to a VM: virtio devices and API endpoints. Built by a closure
+/// that receives the VM's memory, so a device can hand guest ranges back to guest-mm.
+#[derive(Default)]
+pub struct Plugins {
+    /// Virtio devices, one virtio-mmio window each, in order.
+    pub devices: Vec<Box<dyn VirtioDevice>>,
+    /// Handler for API paths other than `/` and `/vm`.
+    pub api: Option<Box<dyn ApiHandler>>,
+}
+
 /// The result of a run.
 pub struct RunOutcome {
     /// Why the VM stopped.
@@ -88,10 +98,11 @@ struct StatusHandler {
     memory: Arc<VmMemory>,
     started: Instant,
     control: Arc<VmControl>,
+    extra: Option<Box<dyn ApiHandler>>,
 }
 
 impl ApiHandler for StatusHandler {
-    fn handle(&mut self, method: &str, path: &str, _body: &[u8]) -> ApiResponse {
+    fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> ApiResponse {
         match (method, path) {
             ("GET", "/" | "/vm") => {
                 let report = self.memory.report();
@@ -103,13 +114,20 @@ impl ApiHandler for StatusHandler {
                 }))
             }
             (_, "/" | "/vm") => ApiResponse::error(405, "only GET is supported here"),
-            _ => ApiResponse::error(404, "no such endpoint"),
+            _ => match &mut self.extra {
+                Some(extra) => extra.handle(method, path, body),
+                None => ApiResponse::error(404, "no such endpoint"),
+            },
         }
     }
 }
 
-/// Builds and runs the VM described by `config` with extra virtio `devices`.
-pub fn run(config: VmConfig, devices: Vec<Box<dyn VirtioDevice>>) -> Result<RunOutcome, VmmError> {
+/// Builds and runs the VM described by `config`; `plug` adds devices and API endpoints once
+/// guest memory exists.
+pub fn run(
+    config: VmConfig,
+    plug: impl FnOnce(&Arc<VmMemory>) -> Plugins,
+) -> Result<RunOutcome, VmmError> {
     let started = Instant::now();
     let control = Arc::new(VmControl::new().map_err(io("stop eventfd"))?);
     // Before any thread exists, so every thread inherits the blocked mask.
@@ -129,6 +147,10 @@ pub fn run(config: VmConfig, devices: Vec<Box<dyn VirtioDevice>>) -> Result<RunO
         &config.cmdline,
     )?;
 
+    let Plugins {
+        devices,
+        api: extra_api,
+    } = plug(&memory);
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
 
@@ -215,6 +237,7 @@ pub fn run(config: VmConfig, devices: Vec<Box<dyn VirtioDevice>>) -> Result<RunO
             memory: memory.clone(),
             started,
             control: control.clone(),
+            extra: extra_api,
         };
         manager.add_subscriber(Box::new(ApiServer::bind(path, Box::new(handler))?));
     }
