@@ -330,4 +330,31 @@ mod tests {
         let v: u8 = m.vm_memory().read_obj(GuestAddress(0)).unwrap();
         assert_eq!(v, 0);
     }
+
+    #[test]
+    fn tracked_memory_records_touched_pages_and_discard_clears_them() {
+        let file = crate::config::ConfigFile {
+            kernel: Some(std::env::current_exe().unwrap()),
+            memory_mib: Some(64),
+            ..Default::default()
+        };
+        let config = crate::config::VmConfig::validate(file).unwrap();
+        let m = VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)");
+        for page in [0u64, 1, 2, 600, 16_000] {
+            m.vm_memory()
+                .write_obj(0x5au8, GuestAddress(page * 4096))
+                .unwrap();
+        }
+        let r = m.report().unwrap();
+        let t = r.tracked.expect("tracking is on");
+        assert_eq!(t.leaves_4k, 5);
+        assert_eq!(r.resident_pages, 5);
+        assert_eq!(t.table_bytes, t.min_table_bytes);
+        assert!(t.faults >= 5);
+        m.discard(600 * 4096, 4096).unwrap();
+        let t = m.report().unwrap().tracked.unwrap();
+        assert_eq!(t.leaves_4k, 4);
+        let v: u8 = m.vm_memory().read_obj(GuestAddress(600 * 4096)).unwrap();
+        assert_eq!(v, 0, "a discarded page reads back as zero");
+    }
 }
