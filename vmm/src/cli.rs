@@ -44,6 +44,9 @@ pub struct Cli {
     /// Pages guest-mm fills per fault (1 = only the faulting page).
     #[arg(long = "fault-around")]
     pub fault_around: Option<u32>,
+    /// Mark untracked guest RAM MADV_NOHUGEPAGE (tracked RAM always uses 4 KiB pages).
+    #[arg(long = "no-thp")]
+    pub no_thp: bool,
 }
 
 impl Cli {
@@ -64,6 +67,7 @@ impl Cli {
             fault_threads: self.fault_threads,
             full_xsave: self.full_xsave.then_some(true),
             fault_around: self.fault_around,
+            thp: self.no_thp.then_some(false),
         };
         VmConfig::validate(file.overlay(flags))
     }

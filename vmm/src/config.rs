@@ -90,6 +90,9 @@ pub struct ConfigFile {
     pub full_xsave: Option<bool>,
     /// Pages guest-mm fills per fault (1 = exact, a power of two up to 512).
     pub fault_around: Option<u32>,
+    /// Let untracked guest RAM use transparent huge pages (default true; tracked RAM is
+    /// always 4 KiB pages).
+    pub thp: Option<bool>,
 }
 
 impl ConfigFile {
@@ -123,6 +126,7 @@ impl ConfigFile {
             fault_threads: over.fault_threads.or(self.fault_threads),
             full_xsave: over.full_xsave.or(self.full_xsave),
             fault_around: over.fault_around.or(self.fault_around),
+            thp: over.thp.or(self.thp),
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct VmConfig {
     pub full_xsave: bool,
     /// Pages filled per fault.
     pub fault_around: u32,
+    /// Transparent huge pages for untracked RAM.
+    pub thp: bool,
 }
 
 impl VmConfig {
@@ -198,6 +204,7 @@ impl VmConfig {
             fault_threads,
             full_xsave: file.full_xsave.unwrap_or(false),
             fault_around,
+            thp: file.thp.unwrap_or(true),
         })
     }
 

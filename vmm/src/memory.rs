@@ -59,8 +59,9 @@ unsafe impl Send for GuestRam {}
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    /// Maps `size` bytes of anonymous private memory (not reserved up front).
-    pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
+    /// Maps `size` bytes of anonymous private memory (not reserved up front); `thp: false`
+    /// marks it `MADV_NOHUGEPAGE`.
+    pub fn anonymous(size: u64, thp: bool) -> Result<Self, MemoryError> {
         let len = usize::try_from(size).map_err(|_| MemoryError::Map {
             bytes: size,
             source: std::io::Error::from_raw_os_error(libc::EINVAL),
@@ -87,6 +88,16 @@ impl GuestRam {
             bytes: size,
             source: std::io::Error::from_raw_os_error(libc::EFAULT),
         })?;
+        if !thp {
+            // SAFETY: advice on the mapping just created; it changes no contents.
+            let rc = unsafe { libc::madvise(addr, len, libc::MADV_NOHUGEPAGE) };
+            if rc != 0 {
+                log::warn!(
+                    "MADV_NOHUGEPAGE failed: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
         // SAFETY: `host`/`len` is the mapping just created; it is never unmapped, so it
         // outlives every region built from it.
         unsafe { Self::from_raw(host, len) }
@@ -171,7 +182,7 @@ impl VmMemory {
     /// a plain anonymous mapping otherwise.
     pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
         if !config.track {
-            let ram = GuestRam::anonymous(config.memory_bytes())?;
+            let ram = GuestRam::anonymous(config.memory_bytes(), config.thp)?;
             return Ok(VmMemory { ram, tracker: None });
         }
         let spec = RegionSpec {
@@ -285,7 +296,7 @@ mod tests {
 
     #[test]
     fn anonymous_ram_is_usable_and_residency_counts() {
-        let ram = GuestRam::anonymous(16 << 20).unwrap();
+        let ram = GuestRam::anonymous(16 << 20, false).unwrap();
         assert_eq!(ram.size(), 16 << 20);
         assert_eq!(ram.resident_pages().unwrap(), 0);
         for page in 0..10u64 {
@@ -299,7 +310,7 @@ mod tests {
 
     fn untracked(mib: u64) -> VmMemory {
         VmMemory {
-            ram: GuestRam::anonymous(mib << 20).unwrap(),
+            ram: GuestRam::anonymous(mib << 20, false).unwrap(),
             tracker: None,
         }
     }
