@@ -17,6 +17,7 @@
 //! Images come from `resources/setup.sh`; the console protocol is described in
 //! `resources/init-l1.sh` and `resources/rig-bin/rig-job`; see `docs/TESTING.md`.
 
+mod console;
 mod cpio;
 mod error;
 mod host;

@@ -1,12 +1,13 @@
 //! Running a job: nested (QEMU TCG booting L1 with the job appended to its initramfs) or directly
 //! on a host with hardware virtualization. Both speak the same console protocol (`rig-job`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::console::{Console, read_lines};
 use crate::error::RigError;
 use crate::host::{HostVirt, Mode, select_mode};
 use crate::images::RigImages;
@@ -118,12 +119,15 @@ impl Rig {
             self.mode,
             job.timeout
         );
-        let (console, exit) = match self.mode {
+        let Collected {
+            transcript: t,
+            console,
+            exit,
+        } = match self.mode {
             Mode::Nested => self.run_nested(&files, &tmp, job.timeout)?,
             Mode::Host => self.run_host(&files, &tmp, job.timeout)?,
         };
         let elapsed = start.elapsed();
-        let t = Transcript::parse(&console.join("\n"));
         if let Some(message) = t.errors.first() {
             return Err(RigError::L1 {
                 message: message.clone(),
@@ -169,7 +173,7 @@ impl Rig {
         files: &JobFiles,
         tmp: &TempDir,
         timeout: Duration,
-    ) -> Result<(Vec<String>, String), RigError> {
+    ) -> Result<Collected, RigError> {
         // L1 initramfs followed by the job's archive (the kernel unpacks both).
         let initrd = tmp.path().join("l1-job.cpio");
         let e = |source| RigError::TempFile {
@@ -216,7 +220,7 @@ impl Rig {
         files: &JobFiles,
         tmp: &TempDir,
         timeout: Duration,
-    ) -> Result<(Vec<String>, String), RigError> {
+    ) -> Result<Collected, RigError> {
         use std::os::unix::process::CommandExt;
         let jobdir = tmp.path().join("job");
         files.write_dir(&jobdir)?;
@@ -266,7 +270,7 @@ impl Rig {
         mut child: Child,
         timeout: Duration,
         group: bool,
-    ) -> Result<(Vec<String>, String), RigError> {
+    ) -> Result<Collected, RigError> {
         let out = child.stdout.take().ok_or(RigError::Io {
             what: "taking QEMU's stdout",
             source: std::io::ErrorKind::BrokenPipe.into(),
@@ -281,35 +285,21 @@ impl Rig {
         out: Box<dyn Read + Send>,
         timeout: Duration,
         group: bool,
-    ) -> Result<(Vec<String>, String), RigError> {
+    ) -> Result<Collected, RigError> {
         let stderr = child.stderr.take().map(|mut e| {
             std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = e.read_to_string(&mut s);
-                s
+                // Keep the first MiB; drain the rest so QEMU never blocks on a full pipe.
+                let mut b = Vec::new();
+                let _ = (&mut e).take(1 << 20).read_to_end(&mut b);
+                let _ = std::io::copy(&mut e, &mut std::io::sink());
+                String::from_utf8_lossy(&b).into_owned()
             })
         });
         let (tx, rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf)
-                            .trim_end_matches(['\n', '\r'])
-                            .to_string();
-                        if tx.send(line).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        let reader =
+            std::thread::spawn(move || read_lines(BufReader::new(out), |l| tx.send(l).is_ok()));
         let deadline = Instant::now() + timeout;
-        let mut console = Vec::new();
+        let mut console = Console::default();
         let mut timed_out = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -336,6 +326,7 @@ impl Rig {
         })?;
         let _ = reader.join();
         let err_text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+        let (transcript, console) = console.into_lines();
         if timed_out {
             let mut t = tail(&console);
             if !err_text.is_empty() {
@@ -351,8 +342,19 @@ impl Rig {
         if !errs.is_empty() && !status.success() {
             exit = format!("{exit}; stderr:\n{errs}");
         }
-        Ok((console, exit))
+        Ok(Collected {
+            transcript,
+            console,
+            exit,
+        })
     }
+}
+
+/// What a run printed, parsed.
+struct Collected {
+    transcript: Transcript,
+    console: Vec<String>,
+    exit: String,
 }
 
 fn last_lines(s: &str, n: usize) -> String {
