@@ -23,7 +23,8 @@ fi
 ROOT="$CACHE_DIR/stage/l1root"
 rm -rf "$ROOT" "$CACHE_DIR/stage/bb"
 mkdir -p "$ROOT"/{proc,sys,tmp,run,root,etc,lib/modules,l2,rig/bin,usr/share/qemu}
-dpkg-deb -x "$(deb_path busybox-static)" "$CACHE_DIR/stage/bb"
+bbdeb="$(deb_path busybox-static)"
+dpkg-deb -x "$bbdeb" "$CACHE_DIR/stage/bb"
 install_busybox "$ROOT" "$CACHE_DIR/stage/bb/usr/bin/busybox"
 rm -rf "$CACHE_DIR/stage/bb"
 

@@ -28,7 +28,8 @@ mkdir -p "$STAGE/kernel" "$STAGE/userland" "$OUT_DIR"
 # --- kernel: bzImage, vmlinux, modules ---------------------------------------------------------
 KPKG="$(lock_entries | awk '$1 ~ /^linux-image-/ { print $1; exit }')"
 [[ -n "$KPKG" ]] || die "no linux-image package pinned"
-dpkg-deb -x "$(deb_path "$KPKG")" "$STAGE/kernel"
+kdeb="$(deb_path "$KPKG")"
+dpkg-deb -x "$kdeb" "$STAGE/kernel"
 KVER="${KPKG#linux-image-}"
 vmlinuz="$STAGE/kernel/boot/vmlinuz-$KVER"
 [[ -f "$vmlinuz" ]] || die "no /boot/vmlinuz-$KVER in $KPKG"
@@ -70,7 +71,8 @@ echo "$KVER" >"$OUT_DIR/kernel-release"
 
 # --- L2 userland: busybox, stress-ng and its libraries, guest tools, init ------------------------
 for p in $(lock_entries | awk '$1 !~ /^linux-image-/ { print $1 }'); do
-    dpkg-deb -x "$(deb_path "$p")" "$STAGE/userland"
+    deb="$(deb_path "$p")"
+    dpkg-deb -x "$deb" "$STAGE/userland"
 done
 ROOT="$STAGE/l2root"
 mkdir -p "$ROOT"/{proc,sys,tmp,root,etc,lib/modules}

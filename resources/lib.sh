@@ -64,14 +64,17 @@ sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 # Lock entries: "name version sha256 pool-path", comments skipped.
 lock_entries() { grep -v -e '^#' -e '^[[:space:]]*$' "$LOCK_FILE"; }
 
-# Path of the cached .deb for a package name (after fetch.sh ran and verified it).
+# Path of the cached .deb for a package name, its sha256 checked against the pin on every use.
 deb_path() {
     local name="$1" line
     line="$(lock_entries | awk -v n="$name" '$1 == n { print; exit }')"
     [[ -n "$line" ]] || die "package '$name' is not pinned in $LOCK_FILE"
-    local file
-    file="$(basename "$(awk '{print $4}' <<<"$line")")"
-    printf '%s/%s\n' "$DEB_DIR" "$file"
+    local file sha
+    file="$DEB_DIR/$(basename "$(awk '{print $4}' <<<"$line")")"
+    sha="$(awk '{print $3}' <<<"$line")"
+    [[ -f "$file" ]] || die "$file missing: run resources/fetch.sh"
+    [[ "$(sha256_of "$file")" == "$sha" ]] || die "$file does not match its pinned sha256 $sha"
+    printf '%s\n' "$file"
 }
 
 # Hash of a set of files and strings, used for "already built" stamps.

@@ -249,6 +249,7 @@ impl Rig {
             .arg(&jobdir)
             .env("PATH", path)
             .env("EBB_RIG", "host")
+            .env("EBB_PEER_QMP", tmp.path().join("peer-qmp.sock"))
             .env("EBB_L2_KERNEL", &self.images.l2_kernel)
             .env("EBB_L2_VMLINUX", &self.images.l2_vmlinux)
             .env("EBB_L2_INITRAMFS", &self.images.l2_initramfs)
