@@ -1,0 +1,78 @@
+//! The QEMU peer's balloon, driven over QMP from L1 while the guest holds 256 MiB of checksummed
+//! pages: the balloon inflates to leave the guest 512 MiB, deflates again, and the guest still
+//! finds every page intact. This is the baseline later ebb-vs-QEMU comparisons rely on. Needs
+//! `resources/setup.sh` to have run; fails otherwise.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use ebb_harness::{Job, Rig};
+
+/// Runs in L1: the peer in the background, the balloon driven through its QMP socket.
+const SCRIPT: &str = r#"
+q=/run/peer-qmp.sock
+rig-peer -s 2000 -T 300 -q "$q" -- ebb-guest integrity --mib 256 --hold-secs 60 &
+peer=$!
+i=0
+while [ ! -S "$q" ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
+ebb-guest qmp --socket "$q" -- '{"execute":"balloon","arguments":{"value":536870912}}'
+i=0
+while [ $i -lt 120 ]; do
+    a=$(ebb-guest qmp --socket "$q" -- '{"execute":"query-balloon"}' | sed -n 's/.*"actual": \([0-9]*\).*/\1/p')
+    if [ -n "$a" ] && [ "$a" -le 671088640 ]; then
+        echo "EBB-BALLOON inflated actual=$a after=${i}s"
+        rig-sample "$(pidof qemu-system-x86_64)" inflated
+        break
+    fi
+    sleep 1
+    i=$((i + 1))
+done
+ebb-guest qmp --socket "$q" -- '{"execute":"balloon","arguments":{"value":1073741824}}'
+wait "$peer"
+"#;
+
+#[test]
+fn balloon_inflate_keeps_guest_data() {
+    let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
+    let start = Instant::now();
+    let out = rig
+        .run(&Job::shell(SCRIPT).timeout(Duration::from_secs(480)))
+        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
+    let _ = writeln!(
+        std::io::stderr(),
+        "rig_peer_balloon: {:?} mode, took {:.1} s",
+        out.mode,
+        start.elapsed().as_secs_f64()
+    );
+    for s in out.samples.iter().filter(|s| s.label != "periodic") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "rig_peer_balloon: {} QEMU VmRSS={} kB VmPTE={} kB SecPageTables={} kB",
+            s.label,
+            s.vm_rss_kb,
+            s.vm_pte_kb,
+            s.meminfo.sec_page_tables_kb
+        );
+    }
+    let text = out.output_text();
+    let tail = out.tail();
+    assert_eq!(out.status, 0, "peer failed:\n{tail}");
+    assert_eq!(out.guest_status, Some(0), "guest command failed:\n{tail}");
+    assert!(
+        text.contains("EBB-BALLOON inflated"),
+        "the balloon never inflated:\n{tail}"
+    );
+    let integ = out.result("integrity").expect("integrity result");
+    assert_eq!(integ.u64("checked"), Some(256 * 256));
+    assert_eq!(
+        integ.u64("bad_pages"),
+        Some(0),
+        "guest data lost under the balloon: {integ:?}"
+    );
+    assert!(
+        out.samples
+            .iter()
+            .any(|s| s.label == "inflated" && s.vm_rss_kb > 0)
+    );
+    assert!(out.samples.iter().any(|s| s.label == "guest-done"));
+}
