@@ -21,7 +21,7 @@ fn program_with_input_runs_in_l1() {
     std::fs::write(
         &script,
         "#!/bin/sh\ncat data.txt\nls /l2\n[ -c /dev/kvm ] && echo have-kvm\n\
-         ebb-guest touch --mib 32 --hold-secs 2\necho to-stderr >&2\nexit 7\n",
+         ebb-guest touch --mib 32 --hold-secs 4\necho to-stderr >&2\nexit 7\n",
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
