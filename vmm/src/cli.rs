@@ -47,6 +47,9 @@ pub struct Cli {
     /// Mark untracked guest RAM MADV_NOHUGEPAGE (tracked RAM always uses 4 KiB pages).
     #[arg(long = "no-thp")]
     pub no_thp: bool,
+    /// Boot an ELF vmlinux through its Xen PVH entry.
+    #[arg(long)]
+    pub pvh: bool,
 }
 
 impl Cli {
@@ -68,6 +71,7 @@ impl Cli {
             full_xsave: self.full_xsave.then_some(true),
             fault_around: self.fault_around,
             thp: self.no_thp.then_some(false),
+            pvh: self.pvh.then_some(true),
         };
         VmConfig::validate(file.overlay(flags))
     }

@@ -93,6 +93,8 @@ pub struct ConfigFile {
     /// Let untracked guest RAM use transparent huge pages (default true; tracked RAM is
     /// always 4 KiB pages).
     pub thp: Option<bool>,
+    /// Boot an ELF vmlinux through its PVH entry instead of the 64-bit Linux protocol.
+    pub pvh: Option<bool>,
 }
 
 impl ConfigFile {
@@ -127,6 +129,7 @@ impl ConfigFile {
             full_xsave: over.full_xsave.or(self.full_xsave),
             fault_around: over.fault_around.or(self.fault_around),
             thp: over.thp.or(self.thp),
+            pvh: over.pvh.or(self.pvh),
         }
     }
 }
@@ -156,6 +159,8 @@ pub struct VmConfig {
     pub fault_around: u32,
     /// Transparent huge pages for untracked RAM.
     pub thp: bool,
+    /// PVH boot.
+    pub pvh: bool,
 }
 
 impl VmConfig {
@@ -205,6 +210,7 @@ impl VmConfig {
             full_xsave: file.full_xsave.unwrap_or(false),
             fault_around,
             thp: file.thp.unwrap_or(true),
+            pvh: file.pvh.unwrap_or(false),
         })
     }
 

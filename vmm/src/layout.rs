@@ -17,6 +17,8 @@
 pub const GDT_START: u64 = 0x500;
 /// Start of the (empty) interrupt descriptor table.
 pub const IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, module list and memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
 /// The Linux zero page (`struct boot_params`).
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer of the boot vCPU.

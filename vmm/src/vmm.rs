@@ -145,6 +145,7 @@ pub fn run(
         &config.kernel,
         config.initrd.as_deref(),
         &config.cmdline,
+        config.pvh,
     )?;
 
     let Plugins {

@@ -1,11 +1,13 @@
 //! Loading a Linux kernel, its initrd and command line into guest memory.
 
 pub mod params;
+pub mod pvh;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -41,18 +43,32 @@ pub enum BootError {
     /// The command line was refused.
     #[error("kernel command line is invalid")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// PVH boot was asked for but the image has no PVH entry.
+    #[error("kernel image {0} has no Xen PVH entry note (PVH boot needs an ELF vmlinux with one)")]
+    NoPvhEntry(String),
     /// Writing to guest memory failed.
     #[error("cannot write {0} into guest memory")]
     GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
 }
 
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    /// Linux 64-bit boot protocol: long mode, zero page in RSI.
+    Linux64,
+    /// PVH: 32-bit protected mode, paging off, start info in EBX.
+    Pvh,
+}
+
 /// Where the boot vCPU starts.
 #[derive(Debug, Clone, Copy)]
 pub struct BootEntry {
-    /// 64-bit entry point.
+    /// Entry point.
     pub rip: u64,
-    /// Guest address of the zero page (passed in RSI).
+    /// Guest address of the zero page (Linux64) or the start info (PVH).
     pub zero_page: u64,
+    /// The protocol.
+    pub mode: BootMode,
 }
 
 enum Format {
@@ -92,6 +108,7 @@ pub fn load_linux(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    pvh: bool,
 ) -> Result<BootEntry, BootError> {
     let kname = kernel.display().to_string();
     let mut file = File::open(kernel).map_err(|e| BootError::KernelIo(kname.clone(), e))?;
@@ -107,10 +124,16 @@ pub fn load_linux(
             (r, rip)
         }
         Format::Elf => {
-            let r = Elf::load(mem, None, &mut file, high).map_err(|e| BootError::Load(kname, e))?;
+            let r = Elf::load(mem, None, &mut file, high)
+                .map_err(|e| BootError::Load(kname.clone(), e))?;
             let rip = r.kernel_load.0;
             (r, rip)
         }
+    };
+    let pvh_entry = match (pvh, &result.pvh_boot_cap) {
+        (false, _) => None,
+        (true, PvhBootCapability::PvhEntryPresent(entry)) => Some(entry.0),
+        (true, _) => return Err(BootError::NoPvhEntry(kname)),
     };
 
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
@@ -138,6 +161,14 @@ pub fn load_linux(
         None => None,
     };
 
+    if let Some(entry) = pvh_entry {
+        let info = pvh::write_start_info(mem, ram_bytes, initrd_place)?;
+        return Ok(BootEntry {
+            rip: entry,
+            zero_page: info,
+            mode: BootMode::Pvh,
+        });
+    }
     let zp = build_boot_params(&BootParamsSpec {
         header: result.setup_header,
         cmdline_addr: CMDLINE_START,
@@ -150,6 +181,7 @@ pub fn load_linux(
     Ok(BootEntry {
         rip,
         zero_page: ZERO_PAGE_START,
+        mode: BootMode::Linux64,
     })
 }
 
@@ -203,7 +235,7 @@ mod tests {
                 .unwrap()
                 .write_all(&content)
                 .unwrap();
-            let r = load_linux(&mem(), 64 << 20, &p, None, "console=ttyS0");
+            let r = load_linux(&mem(), 64 << 20, &p, None, "console=ttyS0", false);
             assert!(r.is_err(), "{name} was accepted");
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -11,7 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-use crate::boot::BootEntry;
+use crate::boot::{BootEntry, BootMode};
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use cpuid::CpuTopology;
 
@@ -154,10 +154,19 @@ impl Vm {
             let mut sregs = fd
                 .get_sregs()
                 .map_err(|e| KvmError::Ioctl("GET_SREGS", e))?;
-            regs::setup_long_mode(mem, &mut sregs)?;
+            let regs = match entry.mode {
+                BootMode::Linux64 => {
+                    regs::setup_long_mode(mem, &mut sregs)?;
+                    regs::boot_regs(entry.rip, entry.zero_page)
+                }
+                BootMode::Pvh => {
+                    regs::setup_pvh_mode(mem, &mut sregs)?;
+                    regs::pvh_regs(entry.rip, entry.zero_page)
+                }
+            };
             fd.set_sregs(&sregs)
                 .map_err(|e| KvmError::Ioctl("SET_SREGS", e))?;
-            fd.set_regs(&regs::boot_regs(entry.rip, entry.zero_page))
+            fd.set_regs(&regs)
                 .map_err(|e| KvmError::Ioctl("SET_REGS", e))?;
         }
         Ok(fd)

@@ -141,6 +141,50 @@ pub fn setup_long_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(
     Ok(())
 }
 
+/// The PVH GDT: null, 32-bit code, data, TSS.
+pub fn pvh_gdt() -> [u64; 4] {
+    [
+        gdt_entry(0, 0, 0),
+        gdt_entry(0xc09b, 0, 0xfffff),
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x008b, 0, 0x67),
+    ]
+}
+
+/// Writes the PVH GDT and fills flat 32-bit protected-mode system registers, paging off.
+pub fn setup_pvh_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
+    let gdt = pvh_gdt();
+    for (i, e) in gdt.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(GDT_START + 8 * i as u64))
+            .map_err(|e| RegsError::GuestWrite("GDT", e))?;
+    }
+    let code = segment_from_gdt(gdt[1], 1);
+    let data = segment_from_gdt(gdt[2], 2);
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(gdt[3], 3);
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    Ok(())
+}
+
+/// General registers at the PVH entry with the start info in RBX.
+pub fn pvh_regs(rip: u64, start_info: u64) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip,
+        rbx: start_info,
+        ..Default::default()
+    }
+}
+
 /// General registers at the 64-bit entry point with the zero page in RSI.
 pub fn boot_regs(rip: u64, zero_page: u64) -> kvm_regs {
     kvm_regs {
