@@ -1,0 +1,93 @@
+//! ebb's other ways in and out, in one L1 boot of the rig: PVH boot of the ELF vmlinux, a guest
+//! reset (exit 0), a guest panic (exit 2), SIGTERM (exit 130 with the report), and console input
+//! from ebb's stdin reaching the guest. Needs `resources/setup.sh` (fails loudly otherwise).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use ebb_harness::{Job, Rig, workspace_root};
+
+fn static_ebb() -> PathBuf {
+    if let Some(p) = std::env::var_os("EBB_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = workspace_root();
+    let status = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "vmm",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the static ebb failed");
+    root.join("target/x86_64-unknown-linux-gnu/release/ebb")
+}
+
+const SCRIPT: &str = r#"
+E=./ebb; K=$EBB_L2_KERNEL; I=$EBB_L2_INITRAMFS
+C="console=ttyS0 reboot=k panic=-1 quiet"
+$E --pvh --no-track --kernel $EBB_L2_VMLINUX --initrd $I --vcpus 2 --memory-mib 256 --cmdline "$C -- echo pvh-cpus=\$(grep -c ^processor /proc/cpuinfo)"
+echo "EXIT pvh=$?"
+$E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- reboot -f"
+echo "EXIT reset=$?"
+$E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- echo c > /proc/sysrq-trigger"
+echo "EXIT panic=$?"
+$E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- sleep 300" & p=$!
+sleep 15; kill -TERM $p; wait $p
+echo "EXIT sigterm=$?"
+(sleep 12; echo typed-into-ebb) | $E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- read x < /dev/console; echo console-got=\$x"
+echo "EXIT stdin=$?"
+"#;
+
+#[test]
+fn ebb_pvh_reset_panic_signal_and_stdin() {
+    let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
+    let ebb = static_ebb();
+    let out = rig
+        .run(
+            &Job::shell(SCRIPT)
+                .input(&ebb)
+                .timeout(Duration::from_secs(600)),
+        )
+        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
+    let text = out.output_text();
+    for (what, want) in [
+        ("pvh", 0),
+        ("reset", 0),
+        ("panic", 2),
+        ("sigterm", 130),
+        ("stdin", 0),
+    ] {
+        let line = format!("EXIT {what}={want}");
+        assert!(
+            text.lines().any(|l| l.trim() == line),
+            "expected {line:?}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("pvh-cpus=2"),
+        "PVH guest sees 2 CPUs:\n{text}"
+    );
+    assert!(text.contains("guest requested a reset"), "{text}");
+    assert!(text.contains("guest kernel panicked"), "{text}");
+    assert!(text.contains("stopped by signal 15"), "{text}");
+    assert!(
+        text.contains("console-got=typed-into-ebb"),
+        "stdin reaches the guest:\n{text}"
+    );
+    assert!(
+        text.matches("---- ebb memory report ----").count() >= 5,
+        "a report per run:\n{text}"
+    );
+}
