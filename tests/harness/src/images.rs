@@ -31,12 +31,23 @@ pub fn workspace_root() -> PathBuf {
     here.ancestors().nth(2).unwrap_or(here).to_path_buf()
 }
 
-/// The images directory: `$EBB_CACHE/images` or `<workspace>/target/ebb-cache/images`.
+/// The images directory, chosen as `resources/lib.sh` chooses the cache: `$EBB_CACHE/images`,
+/// else `$XDG_CACHE_HOME/ebb/images` when `EBB_USE_XDG_CACHE=1`, else
+/// `<workspace>/target/ebb-cache/images`.
 pub fn images_dir() -> PathBuf {
-    match std::env::var_os("EBB_CACHE") {
-        Some(c) if !c.is_empty() => PathBuf::from(c).join("images"),
-        _ => workspace_root().join("target/ebb-cache/images"),
+    if let Some(c) = std::env::var_os("EBB_CACHE").filter(|c| !c.is_empty()) {
+        return PathBuf::from(c).join("images");
     }
+    if std::env::var("EBB_USE_XDG_CACHE").is_ok_and(|v| v == "1") {
+        let xdg = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|c| !c.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        if let Some(x) = xdg {
+            return x.join("ebb/images");
+        }
+    }
+    workspace_root().join("target/ebb-cache/images")
 }
 
 fn parse_env(text: &str) -> BTreeMap<String, String> {
