@@ -41,7 +41,7 @@ build_guest_tools() {
 
 start=$(date +%s)
 install_host_packages
-need_tool apt-get dpkg-deb xz zstd cpio readelf strip qemu-system-x86_64
+need_tool apt-get dpkg-deb xz zstd cpio readelf qemu-system-x86_64
 build_guest_tools
 "$RES_DIR/fetch.sh"
 "$RES_DIR/build-l2.sh" "$GUEST_TOOLS"
