@@ -18,8 +18,12 @@ t() {
 for i in 1 2 3; do
   t ebb "$EBB_RIG_INPUTS"/ebb --no-track --kernel $K --initrd $I --vcpus 2 --memory-mib 512 --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- true"
   t ebb-track "$EBB_RIG_INPUTS"/ebb --kernel $K --initrd $I --vcpus 2 --memory-mib 512 --fault-around 64 --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- true"
+  t ebb-track512 "$EBB_RIG_INPUTS"/ebb --kernel $K --initrd $I --vcpus 2 --memory-mib 512 --fault-around 512 --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- true"
+  t ebb-pvh "$EBB_RIG_INPUTS"/ebb --pvh --no-track --kernel $EBB_L2_VMLINUX --initrd $I --vcpus 2 --memory-mib 512 --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- true"
+  t ebb-nothp "$EBB_RIG_INPUTS"/ebb --no-track --no-thp --kernel $K --initrd $I --vcpus 2 --memory-mib 512 --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- true"
   t qemu qemu-system-x86_64 -M microvm -enable-kvm -cpu host -smp 2 -m 512 -nodefaults -no-user-config -display none -no-reboot -serial stdio -kernel $K -initrd $I -append "console=ttyS0 panic=-1 quiet noxsave -- true"
 done
+[ "${BOOT_ONLY:-0}" = 1 ] && exit 0
 for i in 1 2; do
   t touch-off "$EBB_RIG_INPUTS"/ebb --no-track --kernel $K --initrd $I --vcpus 2 --memory-mib 512 --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- ebb-guest touch --mib 256"
   t touch-on-fa64 "$EBB_RIG_INPUTS"/ebb --fault-around 64 --kernel $K --initrd $I --vcpus 2 --memory-mib 512 --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- ebb-guest touch --mib 256"
