@@ -5,6 +5,7 @@
 #   EBB-RIG-KVM ok npt=Y                      /dev/kvm is there (or EBB-RIG-ERROR ...)
 #   EBB-RIG-BEGIN                             the job starts; its stdout and stderr follow
 #   EBB-RIG-SAMPLE label=.. pid=.. comm=.. t_ms=.. VmRSS=.. VmPTE=.. SecPageTables=.. PageTables=..
+#   EBB-RIG-L1-OOPS <message>                 L1's own kernel oopsed (the harness stops the run)
 #   EBB-RIG-END status=N                      the job's exit status
 #   EBB-RIG-MEMINFO SecPageTables=N PageTables=N   (kB, after /proc/sys/vm/stat_refresh)
 #   EBB-RIG-DONE

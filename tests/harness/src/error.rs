@@ -46,6 +46,10 @@ pub enum RigError {
     /// L1 reported a failure before the job ran (e.g. no /dev/kvm).
     #[error("L1 failed: {message}")]
     L1 { message: String },
+    /// L1's own kernel oopsed during the run (under TCG this is an emulation fault, e.g. in
+    /// cross-modified kernel code); the run was stopped.
+    #[error("L1 kernel oops: {message}; last console lines:\n{tail}")]
+    L1Oops { message: String, tail: String },
     /// The console ended without the end markers: L1 crashed or QEMU died.
     #[error("the run ended without {missing}; exit {exit}; last console lines:\n{tail}")]
     Incomplete {

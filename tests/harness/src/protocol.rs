@@ -74,6 +74,8 @@ pub struct Transcript {
     pub guest_status: Option<i32>,
     /// From `EBB-PEER-ERROR`.
     pub peer_errors: Vec<String>,
+    /// From `EBB-RIG-L1-OOPS`: L1's kernel oopsed.
+    pub l1_oops: Option<String>,
 }
 
 fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
@@ -125,6 +127,10 @@ impl Transcript {
                 vm_pte_kb: num(&m, "VmPTE"),
                 meminfo: meminfo_of(&m),
             });
+            return;
+        }
+        if let Some(r) = after(line, "EBB-RIG-L1-OOPS ") {
+            self.l1_oops.get_or_insert_with(|| r.to_string());
             return;
         }
         if let Some(r) = after(line, "EBB-RIG-KVM ") {
@@ -216,6 +222,15 @@ EBB-RIG-DONE\r
         assert!(t.output.iter().all(|l| !l.contains("EBB-RIG-SAMPLE")));
         assert!(t.output.iter().any(|l| l.contains("Unhandled WRMSR")));
         assert!(t.output.iter().all(|l| !l.ends_with('\r')));
+    }
+
+    #[test]
+    fn l1_oops_is_recorded_once() {
+        let t = Transcript::parse(
+            "EBB-RIG-BEGIN\nEBB-RIG-L1-OOPS Oops: int3: 0000 [#1]\nEBB-RIG-L1-OOPS x\n",
+        );
+        assert_eq!(t.l1_oops.as_deref(), Some("Oops: int3: 0000 [#1]"));
+        assert!(t.output.is_empty());
     }
 
     #[test]

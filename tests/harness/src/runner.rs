@@ -15,6 +15,9 @@ use crate::job::{Job, JobFiles};
 use crate::protocol::{Meminfo, ProcSample, ResultLine, Transcript};
 use crate::tempdir::TempDir;
 
+/// How long a run may go on after L1's kernel oopsed (to print the trace).
+const OOPS_GRACE: Duration = Duration::from_secs(10);
+
 /// How many console lines an error message carries.
 const TAIL_LINES: usize = 40;
 
@@ -38,6 +41,9 @@ pub struct RunOutput {
     pub console: Vec<String>,
     /// Wall-clock time of the whole run (L1 boot included).
     pub elapsed: Duration,
+    /// Oops messages of earlier attempts that were discarded and run again (see
+    /// [`Rig::l1_oops_retries`]).
+    pub l1_oops_retried: Vec<String>,
 }
 
 impl RunOutput {
@@ -76,6 +82,8 @@ pub struct Rig {
     pub l1_append: String,
     /// Copy every console line to stderr as it arrives.
     pub echo: bool,
+    /// How many times a run whose L1 kernel oopsed is started again (default 1).
+    pub l1_oops_retries: u32,
 }
 
 fn env_u32(name: &str, default: u32) -> u32 {
@@ -105,12 +113,34 @@ impl Rig {
             l1_cpus: env_u32("EBB_RIG_L1_CPUS", 2),
             l1_append: std::env::var("EBB_RIG_L1_APPEND").unwrap_or_default(),
             echo: std::env::var("EBB_RIG_ECHO").is_ok_and(|v| v == "1"),
+            l1_oops_retries: env_u32("EBB_RIG_L1_OOPS_RETRIES", 1),
         })
     }
 
     /// Runs `job` and returns its output once it has ended. A non-zero exit status is not an
     /// error (see [`RunOutput::status`]); a rig that could not run the job to its end is.
     pub fn run(&self, job: &Job) -> Result<RunOutput, RigError> {
+        let mut retried = Vec::new();
+        loop {
+            match self.run_once(job) {
+                Err(RigError::L1Oops { message, tail }) => {
+                    if retried.len() as u32 >= self.l1_oops_retries {
+                        return Err(RigError::L1Oops { message, tail });
+                    }
+                    log::warn!("rig: L1 kernel oops ({message}); running the job again");
+                    eprintln!("ebb-rig: L1 kernel oops ({message}); running the job again");
+                    retried.push(message);
+                }
+                Ok(mut out) => {
+                    out.l1_oops_retried = retried;
+                    return Ok(out);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn run_once(&self, job: &Job) -> Result<RunOutput, RigError> {
         let files = JobFiles::build(job)?;
         let tmp = TempDir::new()?;
         let start = Instant::now();
@@ -128,6 +158,12 @@ impl Rig {
             Mode::Host => self.run_host(&files, &tmp, job.timeout)?,
         };
         let elapsed = start.elapsed();
+        if let Some(message) = t.l1_oops.clone() {
+            return Err(RigError::L1Oops {
+                message,
+                tail: tail(&console),
+            });
+        }
         if let Some(message) = t.errors.first() {
             return Err(RigError::L1 {
                 message: message.clone(),
@@ -165,6 +201,7 @@ impl Rig {
             guest_status: t.guest_status,
             console,
             elapsed,
+            l1_oops_retried: Vec::new(),
         })
     }
 
@@ -300,18 +337,29 @@ impl Rig {
         let reader =
             std::thread::spawn(move || read_lines(BufReader::new(out), |l| tx.send(l).is_ok()));
         let deadline = Instant::now() + timeout;
+        // After an L1 oops the run gets a few seconds to print the trace, then it is stopped.
+        let mut oops_deadline: Option<Instant> = None;
         let mut console = Console::default();
         let mut timed_out = false;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let until = oops_deadline.map_or(deadline, |o| o.min(deadline));
+            let left = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if self.echo {
                         eprintln!("{line}");
                     }
                     console.push(line);
+                    if oops_deadline.is_none() && console.transcript.l1_oops.is_some() {
+                        oops_deadline = Some(Instant::now() + OOPS_GRACE);
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if oops_deadline.is_some_and(|o| Instant::now() >= o) {
+                        // Stopped for the oops, reported as such by run_once.
+                        kill(&mut child, group);
+                        break;
+                    }
                     timed_out = true;
                     break;
                 }

@@ -92,3 +92,33 @@ fn host_mode_runs_the_same_protocol() {
     assert!(out.output_text().contains("l2-ok"));
     assert_eq!(out.result("touch").and_then(|r| r.u64("mib")), Some(8));
 }
+
+#[test]
+fn l1_kernel_oops_stops_the_run() {
+    let mut rig = rig();
+    if rig.mode != Mode::Nested {
+        // The watcher reads L1's kernel log; on a hardware-KVM host there is no L1.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"l1_kernel_oops_stops_the_run: skipped: host mode has no L1 kernel to watch\n",
+        );
+        return;
+    }
+    rig.l1_oops_retries = 0;
+    let start = Instant::now();
+    // A line in L1's kernel log that looks like an oops, as the emulator's faults produce.
+    let err = rig
+        .run(
+            &Job::shell("echo 'BUG: rig watcher test' > /dev/kmsg; sleep 600")
+                .timeout(Duration::from_secs(300)),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, RigError::L1Oops { message, .. } if message.contains("rig watcher test")),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(200),
+        "stopped soon after the oops"
+    );
+}
