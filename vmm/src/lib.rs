@@ -17,4 +17,5 @@ pub mod layout;
 pub mod logger;
 pub mod memory;
 pub mod report;
+pub mod terminal;
 pub mod vmm;

@@ -42,7 +42,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match vmm::run(config, |_| vmm::Plugins::default()) {
+    let tty = ebb::terminal::RawGuard::new();
+    let result = vmm::run(config, |_| vmm::Plugins::default());
+    drop(tty);
+    match result {
         Ok(outcome) => {
             eprintln!("\n{}", outcome.report.render());
             let exits: u64 = outcome.vcpu_stats.iter().map(|s| s.exits).sum();
