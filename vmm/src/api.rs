@@ -16,6 +16,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 const MAX_REQUEST: usize = 64 * 1024;
 /// Most connections served at once; more are refused.
 const MAX_CONNECTIONS: usize = 16;
+/// A connection that has not sent a whole request by then is dropped when a new one arrives.
+const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the API socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +153,7 @@ pub fn render(resp: &ApiResponse) -> Vec<u8> {
 pub struct ApiServer {
     path: PathBuf,
     listener: UnixListener,
-    conns: HashMap<i32, (UnixStream, Vec<u8>)>,
+    conns: HashMap<i32, (UnixStream, Vec<u8>, std::time::Instant)>,
     handler: Box<dyn ApiHandler>,
 }
 
@@ -177,19 +179,32 @@ impl ApiServer {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
+        // Slow or silent clients must not hold the slots forever.
+        let stale: Vec<i32> = self
+            .conns
+            .iter()
+            .filter(|(_, (_, _, since))| since.elapsed() > IDLE_LIMIT)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            if let Some((stream, _, _)) = self.conns.remove(&fd) {
+                let _ = ops.remove(Events::new(&stream, EventSet::IN));
+            }
+        }
         while let Ok((stream, _)) = self.listener.accept() {
             if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
                 continue;
             }
             let fd = stream.as_raw_fd();
             if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                self.conns.insert(fd, (stream, Vec::new()));
+                self.conns
+                    .insert(fd, (stream, Vec::new(), std::time::Instant::now()));
             }
         }
     }
 
     fn serve(&mut self, fd: i32, ops: &mut EventOps) {
-        let Some((stream, buf)) = self.conns.get_mut(&fd) else {
+        let Some((stream, buf, _)) = self.conns.get_mut(&fd) else {
             return;
         };
         let mut chunk = [0u8; 4096];
@@ -217,7 +232,7 @@ impl ApiServer {
             Parse::Bad(why) => Some(ApiResponse::error(400, why)),
             Parse::Done(req) => Some(self.handler.handle(&req.method, &req.path, &req.body)),
         };
-        if let Some((stream, _)) = self.conns.remove(&fd) {
+        if let Some((stream, _, _)) = self.conns.remove(&fd) {
             let _ = ops.remove(Events::new(&stream, EventSet::IN));
             if let Some(reply) = reply {
                 // The client may be gone; nothing to do about it.
