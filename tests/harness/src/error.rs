@@ -40,6 +40,9 @@ pub enum RigError {
         #[source]
         source: std::io::Error,
     },
+    /// Building a static binary for the rig failed.
+    #[error("building the static {package} binary failed ({status})")]
+    StaticBuild { package: String, status: String },
     /// The run took longer than its timeout; QEMU (or the job) was killed.
     #[error("timed out after {after:?}; last console lines:\n{tail}")]
     Timeout { after: Duration, tail: String },

@@ -31,6 +31,40 @@ pub fn workspace_root() -> PathBuf {
     here.ancestors().nth(2).unwrap_or(here).to_path_buf()
 }
 
+/// The static `ebb` binary that jobs copy into L1: `$EBB_BIN` when set, otherwise built here from
+/// the workspace (release, glibc linked statically, in the separate `--target` directory so the
+/// default build's caches stay valid).
+pub fn static_ebb() -> Result<PathBuf, RigError> {
+    if let Some(p) = std::env::var_os("EBB_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .args(["build", "--release", "-q", "-p", "vmm"])
+        .args(["--target", "x86_64-unknown-linux-gnu"])
+        .status()
+        .map_err(|source| RigError::Spawn {
+            program: "cargo".into(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(RigError::StaticBuild {
+            package: "vmm".into(),
+            status: status.to_string(),
+        });
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/ebb"))
+}
+
 /// The images directory, chosen as `resources/lib.sh` chooses the cache: `$EBB_CACHE/images`,
 /// else `$XDG_CACHE_HOME/ebb/images` when `EBB_USE_XDG_CACHE=1`, else
 /// `<workspace>/target/ebb-cache/images`.

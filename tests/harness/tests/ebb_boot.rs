@@ -5,37 +5,10 @@
 //! Needs `resources/setup.sh` to have run (fails loudly otherwise). The static `ebb` binary is
 //! built by the test (or taken from `EBB_BIN`).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use ebb_harness::{Job, Rig, workspace_root};
-
-fn static_ebb() -> PathBuf {
-    if let Some(p) = std::env::var_os("EBB_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = workspace_root();
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "vmm",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the static ebb failed");
-    root.join("target/x86_64-unknown-linux-gnu/release/ebb")
-}
+use ebb_harness::{Job, Rig, static_ebb};
 
 /// The number after `key` on the report line starting with `prefix`.
 fn report_number(text: &str, prefix: &str, key: &str) -> u64 {
@@ -56,7 +29,7 @@ fn report_number(text: &str, prefix: &str, key: &str) -> u64 {
 #[test]
 fn ebb_boots_debian_runs_integrity_and_touch_and_reports() {
     let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
-    let ebb = static_ebb();
+    let ebb = static_ebb().unwrap_or_else(|e| panic!("{e}"));
     let guest = "echo cpus=$(grep -c ^processor /proc/cpuinfo); \
                  ebb-guest integrity --mib 256 && ebb-guest touch --mib 256";
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 quiet -- {guest}");
@@ -113,7 +86,7 @@ fn ebb_boots_debian_runs_integrity_and_touch_and_reports() {
 
 #[test]
 fn ebb_rejects_bad_arguments_with_one_line() {
-    let ebb = static_ebb();
+    let ebb = static_ebb().unwrap_or_else(|e| panic!("{e}"));
     let cases: [&[&str]; 5] = [
         &[],
         &["--kernel", "/nonexistent"],

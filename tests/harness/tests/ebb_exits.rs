@@ -2,37 +2,9 @@
 //! reset (exit 0), a guest panic (exit 2), SIGTERM (exit 130 with the report), and console input
 //! from ebb's stdin reaching the guest. Needs `resources/setup.sh` (fails loudly otherwise).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use ebb_harness::{Job, Rig, workspace_root};
-
-fn static_ebb() -> PathBuf {
-    if let Some(p) = std::env::var_os("EBB_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = workspace_root();
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "vmm",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the static ebb failed");
-    root.join("target/x86_64-unknown-linux-gnu/release/ebb")
-}
+use ebb_harness::{Job, Rig, static_ebb};
 
 const SCRIPT: &str = r#"
 E=./ebb; K=$EBB_L2_KERNEL; I=$EBB_L2_INITRAMFS
@@ -53,7 +25,7 @@ echo "EXIT stdin=$?"
 #[test]
 fn ebb_pvh_reset_panic_signal_and_stdin() {
     let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
-    let ebb = static_ebb();
+    let ebb = static_ebb().unwrap_or_else(|e| panic!("{e}"));
     let out = rig
         .run(
             &Job::shell(SCRIPT)
