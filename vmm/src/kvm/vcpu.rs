@@ -20,6 +20,13 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
 }
 
+/// Whether registers look like the architectural reset state (CS 0xf000 with base 0xffff0000,
+/// RIP 0xfff0, paging and protection off): what KVM leaves behind after re-initialising a vCPU.
+pub fn is_reset_state(rip: u64, cs_selector: u16, cs_base: u64, cr0: u64) -> bool {
+    const CR0_PE_PG: u64 = (1 << 0) | (1 << 31);
+    rip == 0xfff0 && cs_selector == 0xf000 && cs_base == 0xffff_0000 && cr0 & CR0_PE_PG == 0
+}
+
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
@@ -75,24 +82,57 @@ impl Vcpu {
             })
     }
 
-    /// Logs the registers that locate a crash (once, at the fatal exit).
+    /// Logs the registers that locate a crash (once, at the fatal exit), and the vCPU's
+    /// pending events. On AMD hosts KVM re-initialises the vCPU when it handles a SHUTDOWN
+    /// intercept (the VMCB is undefined after one), so at a triple fault the registers are
+    /// usually the reset state and say nothing about the fault; that case is named in the log.
     fn log_state(&self, what: &str) {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => log::error!(
-                "vCPU {} {what}: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
-                 cr4={:#x} efer={:#x} cs={:#x}",
-                self.index,
-                r.rip,
-                r.rsp,
-                r.rflags,
-                s.cr0,
-                s.cr2,
-                s.cr3,
-                s.cr4,
-                s.efer,
-                s.cs.selector
-            ),
+            (Ok(r), Ok(s)) => {
+                log::error!(
+                    "vCPU {} {what}: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} \
+                     cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x}",
+                    self.index,
+                    r.rip,
+                    r.rsp,
+                    r.rflags,
+                    s.cr0,
+                    s.cr2,
+                    s.cr3,
+                    s.cr4,
+                    s.efer,
+                    s.cs.selector,
+                    s.idt.base,
+                    s.idt.limit,
+                    s.gdt.base,
+                    s.gdt.limit
+                );
+                if is_reset_state(r.rip, s.cs.selector, s.cs.base, s.cr0) {
+                    log::error!(
+                        "vCPU {}: these are the x86 reset values: KVM re-initialised the vCPU \
+                         at the shutdown (it does so on AMD), so they do not locate the fault; \
+                         the guest RIP before the shutdown is in the host's kvm:kvm_exit trace",
+                        self.index
+                    );
+                }
+            }
             _ => log::error!("vCPU {} {what}: registers unavailable", self.index),
+        }
+        match self.fd.get_vcpu_events() {
+            Ok(e) => log::error!(
+                "vCPU {} {what}: exception injected={} pending={} nr={} error_code={:#x}; \
+                 interrupt injected={} nr={}; nmi injected={} pending={}",
+                self.index,
+                e.exception.injected,
+                e.exception.pending,
+                e.exception.nr,
+                e.exception.error_code,
+                e.interrupt.injected,
+                e.interrupt.nr,
+                e.nmi.injected,
+                e.nmi.pending
+            ),
+            Err(e) => log::error!("vCPU {} {what}: events unavailable: {e}", self.index),
         }
     }
 
@@ -166,5 +206,20 @@ impl Vcpu {
                 }),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_reset_state;
+
+    #[test]
+    fn reset_state_is_recognised_and_a_kernel_state_is_not() {
+        assert!(is_reset_state(0xfff0, 0xf000, 0xffff_0000, 0x6000_0010));
+        // A 64-bit kernel: paging and protection on, kernel CS.
+        assert!(!is_reset_state(0xffff_ffff_8100_0000, 0x10, 0, 0x8005_0033));
+        // Real mode at another address is not the reset vector.
+        assert!(!is_reset_state(0x7c00, 0, 0, 0x10));
+        assert!(!is_reset_state(0xfff0, 0xf000, 0xffff_0000, 0x8000_0011));
     }
 }
