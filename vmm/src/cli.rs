@@ -50,6 +50,11 @@ pub struct Cli {
     /// Boot an ELF vmlinux through its Xen PVH entry.
     #[arg(long)]
     pub pvh: bool,
+    /// Let idle vCPUs halt inside the guest (KVM HLT exits off). KVM then serves a fault on a
+    /// not yet filled page synchronously instead of parking the vCPU (async page fault); each
+    /// vCPU thread stays busy from the host's view, so use it with dedicated host CPUs.
+    #[arg(long = "hlt-in-guest")]
+    pub hlt_in_guest: bool,
 }
 
 impl Cli {
@@ -72,6 +77,7 @@ impl Cli {
             fault_around: self.fault_around,
             thp: self.no_thp.then_some(false),
             pvh: self.pvh.then_some(true),
+            hlt_in_guest: self.hlt_in_guest.then_some(true),
         };
         VmConfig::validate(file.overlay(flags))
     }
@@ -99,6 +105,10 @@ mod tests {
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.memory_mib, 512);
         assert!(!c.track);
+        assert!(!c.hlt_in_guest, "HLT exits stay on unless asked");
+        let cli = Cli::try_parse_from(["ebb", "--kernel", exe.to_str().unwrap(), "--hlt-in-guest"])
+            .unwrap();
+        assert!(cli.into_config().unwrap().hlt_in_guest);
     }
 
     #[test]

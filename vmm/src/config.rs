@@ -95,6 +95,8 @@ pub struct ConfigFile {
     pub thp: Option<bool>,
     /// Boot an ELF vmlinux through its PVH entry instead of the 64-bit Linux protocol.
     pub pvh: Option<bool>,
+    /// Let idle vCPUs halt inside the guest (KVM HLT exits off; default false).
+    pub hlt_in_guest: Option<bool>,
 }
 
 impl ConfigFile {
@@ -130,6 +132,7 @@ impl ConfigFile {
             fault_around: over.fault_around.or(self.fault_around),
             thp: over.thp.or(self.thp),
             pvh: over.pvh.or(self.pvh),
+            hlt_in_guest: over.hlt_in_guest.or(self.hlt_in_guest),
         }
     }
 }
@@ -161,6 +164,9 @@ pub struct VmConfig {
     pub thp: bool,
     /// PVH boot.
     pub pvh: bool,
+    /// HLT exits off: an idle vCPU halts inside the guest, and KVM never parks a vCPU on a
+    /// page the host has not filled yet (see `kvm::Vm::new`).
+    pub hlt_in_guest: bool,
 }
 
 impl VmConfig {
@@ -211,6 +217,7 @@ impl VmConfig {
             fault_around,
             thp: file.thp.unwrap_or(true),
             pvh: file.pvh.unwrap_or(false),
+            hlt_in_guest: file.hlt_in_guest.unwrap_or(false),
         })
     }
 
@@ -285,7 +292,8 @@ mod tests {
 
     #[test]
     fn file_parses_and_overlays() {
-        let text = r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 512, "track": false}"#;
+        let text = r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 512, "track": false,
+            "hlt_in_guest": true}"#;
         let f = ConfigFile::parse(Path::new("x.json"), text).unwrap();
         assert_eq!(f.vcpus, Some(2));
         let cli = ConfigFile {
@@ -296,6 +304,7 @@ mod tests {
         assert_eq!(merged.vcpus, Some(4));
         assert_eq!(merged.memory_mib, Some(512));
         assert_eq!(merged.track, Some(false));
+        assert_eq!(merged.hlt_in_guest, Some(true));
         assert_eq!(merged.kernel.as_deref(), Some(Path::new("/k")));
     }
 

@@ -134,7 +134,7 @@ pub fn run(
     let signal_fd = event_loop::block_stop_signals()?;
 
     let memory = Arc::new(VmMemory::new(&config)?);
-    let vm = Vm::new(!config.full_xsave)?;
+    let vm = Vm::new(!config.full_xsave, config.hlt_in_guest)?;
     // SAFETY: guest RAM is mapped for the rest of the process's life (see `memory`).
     unsafe { vm.add_ram(memory.host_addr(), memory.size() as u64)? };
     let mem = memory.vm_memory().clone();

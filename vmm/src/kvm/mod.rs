@@ -5,8 +5,8 @@ pub mod regs;
 pub mod vcpu;
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
-    kvm_userspace_memory_region,
+    CpuId, KVM_CAP_X86_DISABLE_EXITS, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_X86_DISABLE_EXITS_HLT, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -43,7 +43,15 @@ pub struct Vm {
 
 impl Vm {
     /// Opens /dev/kvm and creates a VM with an in-kernel irqchip and PIT.
-    pub fn new(legacy_xsave: bool) -> Result<Self, KvmError> {
+    ///
+    /// With `hlt_in_guest`, HLT exits are turned off (KVM_CAP_X86_DISABLE_EXITS): an idle vCPU
+    /// halts inside the guest. KVM then never uses its synthetic "async page fault" halt, in
+    /// which it parks a vCPU whose page the host cannot map at once (every first touch of
+    /// userfaultfd-backed RAM) and re-enters the guest when the page is ready or an interrupt
+    /// arrives; the vCPU thread instead waits for guest-mm's fill. In the nested test rig that
+    /// park-and-re-enter path is where guests triple-fault (docs/ARCHITECTURE.md, "Known
+    /// flakiness").
+    pub fn new(legacy_xsave: bool, hlt_in_guest: bool) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         for (cap, name) in [
             (Cap::Irqchip, "IRQCHIP"),
@@ -69,6 +77,21 @@ impl Vm {
             .map_err(|e| KvmError::Ioctl("SET_TSS_ADDR", e))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(|e| KvmError::Ioctl("SET_IDENTITY_MAP_ADDR", e))?;
+        if hlt_in_guest {
+            // The capability's value is the mask of exits that may be turned off.
+            let supported = kvm.check_extension_raw(libc::c_ulong::from(KVM_CAP_X86_DISABLE_EXITS));
+            let hlt = KVM_X86_DISABLE_EXITS_HLT;
+            if supported <= 0 || (supported as u32) & hlt == 0 {
+                return Err(KvmError::MissingCap("X86_DISABLE_EXITS (HLT)"));
+            }
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_X86_DISABLE_EXITS,
+                args: [u64::from(hlt), 0, 0, 0],
+                ..Default::default()
+            };
+            fd.enable_cap(&cap)
+                .map_err(|e| KvmError::Ioctl("ENABLE_CAP(X86_DISABLE_EXITS)", e))?;
+        }
         fd.create_irq_chip()
             .map_err(|e| KvmError::Ioctl("CREATE_IRQCHIP", e))?;
         let pit = kvm_pit_config {
