@@ -74,8 +74,19 @@ pub struct Transcript {
     pub guest_status: Option<i32>,
     /// From `EBB-PEER-ERROR`.
     pub peer_errors: Vec<String>,
-    /// From `EBB-RIG-L1-OOPS`: L1's kernel oopsed.
+    /// From `EBB-RIG-L1-OOPS`, or from L1's own oops report on the console: L1's kernel oopsed.
     pub l1_oops: Option<String>,
+    /// The last kernel `Oops:`/`BUG:` line seen, until a module list tells whose kernel it was.
+    last_oops_line: Option<String>,
+}
+
+/// Modules that only L1 loads: an oops report listing one of them is L1's, not the L2 guest's
+/// (whose kernel output reaches the same console through the VMM's serial port).
+const L1_ONLY_MODULE: &str = "kvm_amd";
+
+/// Whether a console line opens a kernel oops report (a `WARNING:` is not one).
+fn opens_oops(line: &str) -> bool {
+    line.contains("Oops: ") || line.contains("BUG: ") || line.contains("general protection fault")
 }
 
 fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
@@ -116,6 +127,17 @@ impl Transcript {
     /// Feeds one console line (without its line ending).
     pub fn feed(&mut self, raw: &str) {
         let line = raw.trim_end_matches('\r');
+        // L1's in-guest watcher may never run once L1's scheduler itself is hit, so L1's oops
+        // report is also recognised on the console: an oops line followed by a module list that
+        // only L1 has.
+        if opens_oops(line) {
+            self.last_oops_line = Some(line.trim().to_string());
+        } else if line.contains("Modules linked in:")
+            && line.contains(L1_ONLY_MODULE)
+            && let Some(oops) = self.last_oops_line.take()
+        {
+            self.l1_oops.get_or_insert(oops);
+        }
         if let Some(r) = after(line, "EBB-RIG-SAMPLE ") {
             let m = kv_pairs(r);
             self.samples.push(ProcSample {
@@ -231,6 +253,29 @@ EBB-RIG-DONE\r
         );
         assert_eq!(t.l1_oops.as_deref(), Some("Oops: int3: 0000 [#1]"));
         assert!(t.output.is_empty());
+    }
+
+    #[test]
+    fn l1_oops_on_the_console_is_recognised_by_its_modules() {
+        let l1 = Transcript::parse(
+            "EBB-RIG-BEGIN\n[ 15.2] Oops: int3: 0000 [#1] SMP NOPTI\n[ 15.2] RIP: x\n\
+             [ 15.2] Modules linked in: kvm_amd kvm irqbypass\n",
+        );
+        assert_eq!(
+            l1.l1_oops.as_deref(),
+            Some("[ 15.2] Oops: int3: 0000 [#1] SMP NOPTI")
+        );
+        // The L2 guest's oops (relayed by the VMM) lists its own modules: not L1's.
+        let l2 = Transcript::parse(
+            "EBB-RIG-BEGIN\n[ 3.1] Oops: 0002 [#1] SMP NOPTI\n\
+             [ 3.1] Modules linked in: virtio_balloon virtio_mmio\n",
+        );
+        assert_eq!(l2.l1_oops, None);
+        // A warning that lists kvm_amd is not an oops.
+        let warn = Transcript::parse(
+            "[ 9.0] WARNING: CPU: 0 at x\n[ 9.0] Modules linked in: kvm_amd kvm irqbypass\n",
+        );
+        assert_eq!(warn.l1_oops, None);
     }
 
     #[test]
