@@ -16,8 +16,11 @@ CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" 
     cargo build --release -q --locked -p vmm --target x86_64-unknown-linux-gnu
 cargo build --release -q --locked -p ebb-harness --bin ebb-rig
 ebb="$repo/target/x86_64-unknown-linux-gnu/release/ebb"
+# Inside the nested rig, HLT exits are turned off: its emulated SVM can corrupt a vCPU re-entered
+# after L1's KVM parked it on a page still being filled (docs/ARCHITECTURE.md, "Known flakiness").
+hlt=--hlt-in-guest
 
 echo "== booting Debian under ebb (2 vCPUs, 512 MiB); guest runs: $guest_cmd" >&2
 exec "$repo/target/release/ebb-rig" sh --timeout 900 --input "$ebb" \
-    "./ebb --kernel \$EBB_L2_KERNEL --initrd \$EBB_L2_INITRAMFS --vcpus 2 --memory-mib 512 \
+    "./ebb --kernel \$EBB_L2_KERNEL --initrd \$EBB_L2_INITRAMFS --vcpus 2 --memory-mib 512 $hlt \
      --cmdline 'console=ttyS0 reboot=k panic=-1 quiet -- $guest_cmd'"
