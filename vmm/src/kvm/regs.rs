@@ -97,29 +97,33 @@ pub fn boot_gdt() -> [u64; 4] {
     ]
 }
 
-/// Writes the GDT, IDT and identity page tables and fills the long-mode system registers.
-pub fn setup_long_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
-    let gdt = boot_gdt();
+/// Writes `gdt` (null, code, data, TSS) at `GDT_START` and loads it with its segments: CS from
+/// entry 1, DS/ES/FS/GS/SS from entry 2, TR from entry 3.
+fn load_gdt(mem: &GuestMemoryMmap, gdt: &[u64; 4], sregs: &mut kvm_sregs) -> Result<(), RegsError> {
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_START + 8 * i as u64))
             .map_err(|e| RegsError::GuestWrite("GDT", e))?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_START))
-        .map_err(|e| RegsError::GuestWrite("IDT", e))?;
-    let code = segment_from_gdt(gdt[1], 1);
     let data = segment_from_gdt(gdt[2], 2);
-    let tss = segment_from_gdt(gdt[3], 3);
     sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
-    sregs.idt.base = IDT_START;
-    sregs.idt.limit = 7;
-    sregs.cs = code;
+    sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
+    sregs.cs = segment_from_gdt(gdt[1], 1);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = tss;
+    sregs.tr = segment_from_gdt(gdt[3], 3);
+    Ok(())
+}
+
+/// Writes the GDT, IDT and identity page tables and fills the long-mode system registers.
+pub fn setup_long_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
+    load_gdt(mem, &boot_gdt(), sregs)?;
+    mem.write_obj(0u64, GuestAddress(IDT_START))
+        .map_err(|e| RegsError::GuestWrite("IDT", e))?;
+    sregs.idt.base = IDT_START;
+    sregs.idt.limit = 7;
 
     // Identity map of the first 4 GiB with 2 MiB pages.
     mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
@@ -153,22 +157,7 @@ pub fn pvh_gdt() -> [u64; 4] {
 
 /// Writes the PVH GDT and fills flat 32-bit protected-mode system registers, paging off.
 pub fn setup_pvh_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
-    let gdt = pvh_gdt();
-    for (i, e) in gdt.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(GDT_START + 8 * i as u64))
-            .map_err(|e| RegsError::GuestWrite("GDT", e))?;
-    }
-    let code = segment_from_gdt(gdt[1], 1);
-    let data = segment_from_gdt(gdt[2], 2);
-    sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment_from_gdt(gdt[3], 3);
+    load_gdt(mem, &pvh_gdt(), sregs)?;
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
     sregs.cr4 = 0;
     sregs.efer = 0;
