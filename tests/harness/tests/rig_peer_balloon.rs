@@ -56,7 +56,9 @@ fn balloon_inflate_keeps_guest_data() {
     }
     let text = out.output_text();
     let tail = out.tail();
-    assert_eq!(out.status, 0, "peer failed:\n{tail}");
+    // The whole job output: the peer's own EBB-PEER-* lines say why it failed, and a tail of
+    // repeated QMP errors would hide them.
+    assert_eq!(out.status, 0, "peer failed:\n{text}");
     assert_eq!(out.guest_status, Some(0), "guest command failed:\n{tail}");
     assert!(
         text.contains("EBB-BALLOON inflated"),
