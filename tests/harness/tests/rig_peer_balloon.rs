@@ -35,9 +35,22 @@ wait "$peer"
 fn balloon_inflate_keeps_guest_data() {
     let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
     let start = Instant::now();
-    let out = rig
-        .run(&Job::shell(SCRIPT).timeout(Duration::from_secs(480)))
-        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
+    let run = || {
+        rig.run(&Job::shell(SCRIPT).timeout(Duration::from_secs(480)))
+            .unwrap_or_else(|e| panic!("rig run failed: {e}"))
+    };
+    let mut out = run();
+    // The rig's emulated nested SVM now and then fails an event delivery in the L2 guest of
+    // either VMM (QEMU: "KVM internal error. Suberror: 3"; ebb: a triple fault); see
+    // docs/ARCHITECTURE.md, "Known flakiness". One such run is reported and run again.
+    if out.status != 0 && out.output_text().contains("KVM internal error") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "rig_peer_balloon: WARNING: the peer's guest hit a KVM internal error, running once more:\n{}",
+            out.output_text()
+        );
+        out = run();
+    }
     let _ = writeln!(
         std::io::stderr(),
         "rig_peer_balloon: {:?} mode, took {:.1} s",
