@@ -106,6 +106,23 @@ pub enum BackingError {
     /// mincore failed.
     #[error("reading page residency failed")]
     Residency(#[source] SysError),
+    /// The backing cannot fill blocks outside the fault path.
+    #[error("{kind:?} backing has no block-fill mapping")]
+    NoBlockFill {
+        /// Backing kind.
+        kind: BackingKind,
+    },
+    /// Filling a block failed.
+    #[error("filling {offset:#x}+{len:#x} failed")]
+    Fill {
+        /// Offset into the backing.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The failed call.
+        #[source]
+        source: SysError,
+    },
 }
 
 /// The host memory behind one guest-memory region.
@@ -126,6 +143,40 @@ pub trait HostBacking: Send + Sync + fmt::Debug {
     fn release(&self, offset: u64, len: u64, mode: ReleaseMode) -> Result<(), BackingError>;
     /// One residency byte per page of `offset..offset + len` (bit 0: resident), via mincore.
     fn residency(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), BackingError>;
+    /// Whether [`fill_blocks`](Self::fill_blocks) works on this backing.
+    fn fills_blocks(&self) -> bool {
+        false
+    }
+    /// Allocates zeroed pages for `offset..offset + len` without going through the main
+    /// mapping (so no userfault is raised); the next access through the main mapping maps them,
+    /// as one 2 MiB host mapping per block where the host's page cache holds a huge page.
+    fn fill_blocks(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        Err(BackingError::NoBlockFill { kind: self.kind() })
+    }
+}
+
+/// Whether the host gives shared memory (shmem, hence memfd) 2 MiB pages in mappings marked
+/// `MADV_HUGEPAGE`: the global `shmem_enabled` setting is `always`, `within_size`, `advise` or
+/// `force`, and the 2 MiB size's own setting does not say `never`.
+pub fn shmem_huge_pages_available() -> bool {
+    fn selected(path: &str) -> Option<String> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let start = text.find('[')? + 1;
+        let end = start + text[start..].find(']')?;
+        Some(text[start..end].to_owned())
+    }
+    const THP: &str = "/sys/kernel/mm/transparent_hugepage";
+    let global = selected(&format!("{THP}/shmem_enabled"));
+    let global_ok = matches!(
+        global.as_deref(),
+        Some("always" | "within_size" | "advise" | "force")
+    );
+    match selected(&format!("{THP}/hugepages-2048kB/shmem_enabled")).as_deref() {
+        None | Some("inherit") => global_ok,
+        Some("never") => false,
+        Some(_) => true,
+    }
 }
 
 /// Host mappings are aligned to 2 MiB, so that each 2 MiB guest block whose gpa is 2 MiB-aligned
@@ -208,19 +259,42 @@ impl HostBacking for AnonBacking {
 }
 
 /// A shared mapping of a memfd (shmem).
+///
+/// With `huge`, both the main mapping and a second mapping of the same file (the "fill alias",
+/// never registered with userfaultfd) are marked `MADV_HUGEPAGE`. The fault path can then fill
+/// a whole 2 MiB block by populating it through the alias: the page cache gets one 2 MiB page
+/// (where the host enables shmem huge pages), and the guest's retried access maps it with a
+/// single host PMD, which lets KVM map it with one 2 MiB second-level entry.
 #[derive(Debug)]
 pub struct MemfdBacking {
-    // Field order matters: the mapping is unmapped before the file is closed.
+    // Field order matters: the mappings are unmapped before the file is closed.
     map: Mapping,
+    alias: Option<Mapping>,
     fd: OwnedFd,
 }
 
 impl MemfdBacking {
     /// Creates a memfd of `len` bytes named `name` and maps it shared.
     pub fn new(name: &str, len: u64) -> Result<Self, BackingError> {
+        Self::with_huge(name, len, false)
+    }
+
+    /// Like [`new`](Self::new); with `huge`, asks for 2 MiB pages and adds the fill alias.
+    pub fn with_huge(name: &str, len: u64, huge: bool) -> Result<Self, BackingError> {
         let fd = sys::memfd_create(name, len).map_err(BackingError::Create)?;
         let map = Mapping::shared(&fd, len, HOST_ALIGN).map_err(BackingError::Create)?;
-        Ok(Self { map, fd })
+        let alias = if huge {
+            map.madvise(0, len, Advice::HugePage)
+                .map_err(BackingError::Create)?;
+            let alias = Mapping::shared(&fd, len, HOST_ALIGN).map_err(BackingError::Create)?;
+            alias
+                .madvise(0, len, Advice::HugePage)
+                .map_err(BackingError::Create)?;
+            Some(alias)
+        } else {
+            None
+        };
+        Ok(Self { map, alias, fd })
     }
 
     /// The memfd (e.g. to hand to a vhost-user process).
@@ -265,6 +339,26 @@ impl HostBacking for MemfdBacking {
         self.map
             .mincore(offset, len, out)
             .map_err(BackingError::Residency)
+    }
+    fn fills_blocks(&self) -> bool {
+        self.alias.is_some()
+    }
+    fn fill_blocks(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        let Some(alias) = &self.alias else {
+            return Err(BackingError::NoBlockFill { kind: self.kind() });
+        };
+        let fill = |source| BackingError::Fill {
+            offset,
+            len,
+            source,
+        };
+        alias
+            .madvise(offset, len, Advice::PopulateWrite)
+            .map_err(fill)?;
+        // Unmap the alias again (a shared mapping's MADV_DONTNEED keeps the page cache), so the
+        // pages are mapped once, by the main mapping, and counted once in the process's RSS.
+        alias.madvise(offset, len, Advice::DontNeed).map_err(fill)
     }
 }
 

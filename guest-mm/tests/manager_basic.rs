@@ -178,6 +178,7 @@ fn memfd_remove_and_punch_hole() {
             len: 4 * MIB,
             backing: BackingSpec::Memfd {
                 name: "ebb-test-guest".into(),
+                huge: false,
             },
         }];
         let mm =
@@ -212,7 +213,10 @@ fn memfd_remove_and_punch_hole() {
     let layout = [RegionSpec {
         gpa: 0,
         len: MIB,
-        backing: BackingSpec::Memfd { name: "x".into() },
+        backing: BackingSpec::Memfd {
+            name: "x".into(),
+            huge: false,
+        },
     }];
     let err = GuestMm::new(
         &layout,

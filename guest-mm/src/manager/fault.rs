@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{FillMode, Inner};
-use crate::range::{GpaRange, PAGE_SIZE};
+use crate::range::{BLOCK_SIZE, GpaRange, PAGE_SIZE};
 use crate::sys::{UFFD_PAGEFAULT_FLAG_WRITE, UffdIoError, Userfaultfd};
 use crate::tables::PageSize;
 use crate::uffd::{FaultOutcome, FaultResolver};
@@ -76,6 +76,59 @@ impl FaultResolver for Inner {
         if *block > 0 {
             c.deferred_discarding.fetch_add(1, Ordering::Relaxed);
             return FaultOutcome::Deferred;
+        }
+
+        // A backing with a block-fill mapping fills an empty block whole: one 2 MiB leaf.
+        if region.backing.fills_blocks() {
+            let block_off = off & !(BLOCK_SIZE - 1);
+            if block_off + BLOCK_SIZE <= region.len
+                && self.tables.block_is_empty(region.gpa + block_off)
+            {
+                match region.backing.fill_blocks(block_off, BLOCK_SIZE) {
+                    Ok(()) => {
+                        if self
+                            .tables
+                            .populate(region.gpa + block_off, block_off, PageSize::Size2M)
+                            .is_err()
+                        {
+                            c.table_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // The pages are in the file now; the retried access maps them.
+                        let host = region.host + block_off;
+                        if let Err(e) = uffd.wake(host, BLOCK_SIZE)
+                            && first_of_many(&c.fault_errors)
+                        {
+                            log::warn!("waking {host:#x} failed: {e}");
+                        }
+                        c.block_fills.fetch_add(1, Ordering::Relaxed);
+                        c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+                        return FaultOutcome::Resolved;
+                    }
+                    Err(e) => {
+                        if first_of_many(&c.fault_errors) {
+                            log::warn!("block fill at {:#x} failed: {e}", region.host + block_off);
+                        }
+                        // Fall back to 4 KiB fills below.
+                    }
+                }
+            }
+        }
+
+        // Another fault filled this page's block already (a second vCPU touched the block before
+        // the first one's retried access mapped it). Only wake: a fill ioctl would fail with
+        // EEXIST too, but would first allocate a host PTE table under the empty PMD, and the
+        // block could then never be mapped by one PMD.
+        if let Some(leaf) = self.tables.lookup(region.gpa + off)
+            && leaf.size == PageSize::Size2M
+            && !leaf.lazy
+        {
+            c.eexist.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = uffd.wake(page_addr, PAGE_SIZE)
+                && first_of_many(&c.fault_errors)
+            {
+                log::warn!("waking {page_addr:#x} failed: {e}");
+            }
+            return FaultOutcome::Resolved;
         }
 
         let fa_bytes = u64::from(self.fault_around) * PAGE_SIZE;

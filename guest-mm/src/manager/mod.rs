@@ -47,6 +47,12 @@ pub enum BackingSpec {
     Memfd {
         /// Name shown in /proc (memfd:NAME).
         name: String,
+        /// Ask for 2 MiB host pages and fill whole 2 MiB blocks on a fault in an empty block
+        /// (one 2 MiB leaf), through a second mapping that userfaultfd does not watch. The
+        /// fault path then needs one userfault per block, and the host maps the block with one
+        /// PMD where it gives shmem huge pages
+        /// ([`shmem_huge_pages_available`](crate::backing::shmem_huge_pages_available)).
+        huge: bool,
     },
     /// A backing made by the caller (its length is the region's length).
     Custom(Arc<dyn HostBacking>),
@@ -187,6 +193,7 @@ pub struct RegionInfo {
 pub(crate) struct Counters {
     pub faults_resolved: AtomicU64,
     pub fault_around_pages: AtomicU64,
+    pub block_fills: AtomicU64,
     pub eexist: AtomicU64,
     pub eagain: AtomicU64,
     pub deferred_discarding: AtomicU64,
@@ -210,7 +217,11 @@ pub struct MmStats {
     pub faults_resolved: u64,
     /// Pages filled by fault-around windows (including the faulting pages).
     pub fault_around_pages: u64,
-    /// Fills that met an already-present page (EEXIST).
+    /// Whole 2 MiB blocks filled at once (backings with a block-fill mapping; each is one
+    /// 2 MiB leaf and counts as one resolved fault).
+    pub block_fills: u64,
+    /// Faults on a page already present: fills that met EEXIST, and faults in a block that
+    /// another fault had just filled whole (only woken).
     pub eexist: u64,
     /// Fills refused because a remove event was pending (EAGAIN).
     pub eagain: u64,
@@ -280,7 +291,9 @@ fn make_backing(index: usize, spec: &RegionSpec) -> Result<Arc<dyn HostBacking>,
     let err = |source| ManagerError::Backing { index, source };
     Ok(match &spec.backing {
         BackingSpec::Anonymous { thp } => Arc::new(AnonBacking::new(spec.len, *thp).map_err(err)?),
-        BackingSpec::Memfd { name } => Arc::new(MemfdBacking::new(name, spec.len).map_err(err)?),
+        BackingSpec::Memfd { name, huge } => {
+            Arc::new(MemfdBacking::with_huge(name, spec.len, *huge).map_err(err)?)
+        }
         BackingSpec::Custom(b) => b.clone(),
     })
 }
@@ -463,6 +476,7 @@ impl GuestMm {
             tables: self.inner.tables.stats(),
             faults_resolved: l(&c.faults_resolved),
             fault_around_pages: l(&c.fault_around_pages),
+            block_fills: l(&c.block_fills),
             eexist: l(&c.eexist),
             eagain: l(&c.eagain),
             deferred_discarding: l(&c.deferred_discarding),

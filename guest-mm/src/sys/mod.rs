@@ -75,6 +75,8 @@ pub enum Advice {
     NoHugePage,
     /// `MADV_HUGEPAGE`: allow transparent huge pages here.
     HugePage,
+    /// `MADV_POPULATE_WRITE`: fault the range in writable now (allocating zeroed pages).
+    PopulateWrite,
 }
 
 impl Advice {
@@ -85,6 +87,7 @@ impl Advice {
             Advice::Remove => (libc::MADV_REMOVE, "madvise(MADV_REMOVE)"),
             Advice::NoHugePage => (libc::MADV_NOHUGEPAGE, "madvise(MADV_NOHUGEPAGE)"),
             Advice::HugePage => (libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)"),
+            Advice::PopulateWrite => (libc::MADV_POPULATE_WRITE, "madvise(MADV_POPULATE_WRITE)"),
         }
     }
 }

@@ -49,6 +49,32 @@ impl Tables {
         }
     }
 
+    /// True when nothing maps any page of the 2 MiB block holding `gpa`: the walk ends at a
+    /// non-present entry at or above the PD level (no 2 MiB leaf, no PT table). Lock-free, like
+    /// [`lookup`](Self::lookup). An empty PT table left behind (strategy `Off`) counts as
+    /// not empty.
+    pub fn block_is_empty(&self, gpa: u64) -> bool {
+        if gpa >= GPA_LIMIT {
+            return false;
+        }
+        let guard = pin();
+        let mut table = self.root_ref(&guard);
+        let mut level = ROOT_LEVEL;
+        loop {
+            let e = table.entry(index(gpa, level)).load(Ordering::Acquire);
+            if !entry::is_present(e) {
+                return true;
+            }
+            if level == 1 {
+                return false;
+            }
+            // SAFETY: a present entry above level 1 is a table pointer (large leaves exist
+            // only at level 1), read while pinned by `guard`.
+            table = unsafe { table.child(e) };
+            level -= 1;
+        }
+    }
+
     /// Installs a leaf mapping `gpa` (aligned to `size`) to `host_offset`.
     ///
     /// Missing tables are allocated without holding any lock and installed
