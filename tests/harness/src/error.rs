@@ -63,6 +63,9 @@ pub enum RigError {
     /// The QEMU peer in L1 did not run the guest command to its end.
     #[error("peer failed: {message}; last console lines:\n{tail}")]
     Peer { message: String, tail: String },
+    /// Every attempt of a run ended in a rig fault it tolerates (see `Reruns`).
+    #[error(transparent)]
+    RigFaults(#[from] crate::rerun::RigFaultError),
     /// `EBB_RIG_MODE` holds something other than auto, nested or host.
     #[error("EBB_RIG_MODE={0:?}: expected auto, nested or host")]
     BadMode(String),

@@ -19,20 +19,24 @@
 
 mod console;
 mod cpio;
+mod ebb_report;
 mod error;
 mod host;
 mod images;
 mod job;
 mod peer;
 mod protocol;
+mod rerun;
 mod runner;
 mod tempdir;
 
 pub use cpio::CpioWriter;
+pub use ebb_report::{EbbReport, PAGES_PER_2M, ReportError};
 pub use error::RigError;
 pub use host::{HostVirt, Mode, has_virt_flag, select_mode};
 pub use images::{RigImages, images_dir, static_ebb, workspace_root};
 pub use job::{Command, Job, Sampling, sh_quote};
 pub use peer::{PeerJob, PeerOutput};
 pub use protocol::{Meminfo, ProcSample, ResultLine, Transcript, parse_result};
-pub use runner::{Rig, RunOutput};
+pub use rerun::{EBB_EXIT_TRIPLE_FAULT, FaultSeen, Reran, Reruns, RigFault, RigFaultError};
+pub use runner::{L1_DID_NOT_BOOT, Rig, RunOutput};

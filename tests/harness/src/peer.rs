@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::error::RigError;
 use crate::job::{Job, sh_quote};
 use crate::protocol::{ProcSample, ResultLine};
+use crate::rerun::{Reruns, RigFault};
 use crate::runner::{Rig, RunOutput};
 
 /// One peer run.
@@ -84,38 +85,32 @@ impl PeerOutput {
 }
 
 impl Rig {
-    /// Boots the L2 guest in the QEMU peer inside the rig and runs `peer.guest_command`.
+    /// Boots the L2 guest in the QEMU peer inside the rig and runs `peer.guest_command`. Rig
+    /// faults run again: L1's own ([`Rig::l1_reruns`]) and a guest that never reached its init
+    /// ([`RigFault::PeerNoBoot`]: nothing under test has run yet).
     pub fn run_peer(&self, peer: &PeerJob) -> Result<PeerOutput, RigError> {
+        self.run_peer_with(peer, &self.l1_reruns("rig peer").on(RigFault::PeerNoBoot))
+    }
+
+    /// [`Rig::run_peer`], running again after the rig faults `reruns` names (see [`Reruns`]).
+    pub fn run_peer_with(&self, peer: &PeerJob, reruns: &Reruns) -> Result<PeerOutput, RigError> {
         if peer.guest_command.contains('\n') || peer.append.contains('\n') {
             return Err(RigError::Peer {
                 message: "guest command must be one line".into(),
                 tail: String::new(),
             });
         }
-        let mut attempt = 0;
-        let run = loop {
-            attempt += 1;
-            let run = self.run(&Job::shell(peer.shell_line()).timeout(peer.timeout))?;
-            let err = run
-                .output
-                .iter()
-                .find_map(|l| l.split_once("EBB-PEER-ERROR ").map(|x| x.1.to_string()));
-            match err {
-                None => break run,
-                // The guest never reached init: nothing under test has run yet. Nested TCG
-                // occasionally loses an L2 boot; one more try, said out loud.
-                Some(e) if e.starts_with("no-boot") && attempt < 2 => {
-                    log::warn!("peer: {e}; booting the guest once more");
-                    eprintln!("rig peer: {e}; booting the guest once more");
-                }
-                Some(e) => {
-                    return Err(RigError::Peer {
-                        message: e,
-                        tail: run.tail(),
-                    });
-                }
-            }
-        };
+        let run = self.run_with(&Job::shell(peer.shell_line()).timeout(peer.timeout), reruns)?;
+        if let Some(e) = run
+            .output
+            .iter()
+            .find_map(|l| l.split_once("EBB-PEER-ERROR ").map(|x| x.1.to_string()))
+        {
+            return Err(RigError::Peer {
+                message: e,
+                tail: run.tail(),
+            });
+        }
         let fail = |message: String| RigError::Peer {
             message,
             tail: run.tail(),

@@ -13,10 +13,14 @@ use crate::host::{HostVirt, Mode, select_mode};
 use crate::images::RigImages;
 use crate::job::{Job, JobFiles};
 use crate::protocol::{Meminfo, ProcSample, ResultLine, Transcript};
+use crate::rerun::{FaultSeen, Reruns, RigFault};
 use crate::tempdir::TempDir;
 
 /// How long a run may go on after L1's kernel oopsed (to print the trace).
 const OOPS_GRACE: Duration = Duration::from_secs(10);
+
+/// What is missing when L1's console ended before it reached the job (see [`RigFault::L1Boot`]).
+pub const L1_DID_NOT_BOOT: &str = "EBB-RIG-KVM (L1 did not boot)";
 
 /// How many console lines an error message carries.
 const TAIL_LINES: usize = 40;
@@ -41,9 +45,8 @@ pub struct RunOutput {
     pub console: Vec<String>,
     /// Wall-clock time of the whole run (L1 boot included).
     pub elapsed: Duration,
-    /// Oops messages of earlier attempts that were discarded and run again (see
-    /// [`Rig::l1_oops_retries`]).
-    pub l1_oops_retried: Vec<String>,
+    /// Earlier attempts that ended in a rig fault and were run again (see [`Reruns`]).
+    pub rig_faults: Vec<FaultSeen>,
 }
 
 impl RunOutput {
@@ -82,7 +85,8 @@ pub struct Rig {
     pub l1_append: String,
     /// Copy every console line to stderr as it arrives.
     pub echo: bool,
-    /// How many times a run whose L1 kernel oopsed is started again (default 1).
+    /// How many times [`Rig::run`] starts a job again after L1 oopsed or did not boot
+    /// (default 1; `EBB_RIG_L1_OOPS_RETRIES`).
     pub l1_oops_retries: u32,
 }
 
@@ -118,26 +122,28 @@ impl Rig {
     }
 
     /// Runs `job` and returns its output once it has ended. A non-zero exit status is not an
-    /// error (see [`RunOutput::status`]); a rig that could not run the job to its end is.
+    /// error (see [`RunOutput::status`]); a rig that could not run the job to its end is. Rig
+    /// faults of L1 itself (an oops, a lost boot) are run again per [`Rig::l1_reruns`].
     pub fn run(&self, job: &Job) -> Result<RunOutput, RigError> {
-        let mut retried = Vec::new();
-        loop {
-            match self.run_once(job) {
-                Err(RigError::L1Oops { message, tail }) => {
-                    if retried.len() as u32 >= self.l1_oops_retries {
-                        return Err(RigError::L1Oops { message, tail });
-                    }
-                    log::warn!("rig: L1 kernel oops ({message}); running the job again");
-                    eprintln!("ebb-rig: L1 kernel oops ({message}); running the job again");
-                    retried.push(message);
-                }
-                Ok(mut out) => {
-                    out.l1_oops_retried = retried;
-                    return Ok(out);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.run_with(job, &self.l1_reruns("rig job"))
+    }
+
+    /// The default re-runs: L1's own faults ([`RigFault::L1Oops`], [`RigFault::L1Boot`]), at
+    /// most [`Rig::l1_oops_retries`] times. Tests add their own faults to it with
+    /// [`Reruns::on`].
+    pub fn l1_reruns(&self, what: impl Into<String>) -> Reruns {
+        Reruns::new(what, self.l1_oops_retries)
+            .on(RigFault::L1Oops)
+            .on(RigFault::L1Boot)
+    }
+
+    /// Runs `job`, running it again after the rig faults `reruns` names (see [`Reruns`]). Every
+    /// attempt ending in one of them gives [`RigError::RigFaults`] with each attempt's evidence.
+    pub fn run_with(&self, job: &Job, reruns: &Reruns) -> Result<RunOutput, RigError> {
+        let r = reruns.run(|_| self.run_once(job), |o| reruns.classify(o))?;
+        let mut out = r.outcome?;
+        out.rig_faults = r.rig_faults;
+        Ok(out)
     }
 
     fn run_once(&self, job: &Job) -> Result<RunOutput, RigError> {
@@ -170,7 +176,7 @@ impl Rig {
             });
         }
         let missing = if self.mode == Mode::Nested && t.kvm.is_none() {
-            Some("EBB-RIG-KVM (L1 did not boot)")
+            Some(L1_DID_NOT_BOOT)
         } else if !t.begun {
             Some("EBB-RIG-BEGIN")
         } else if t.status.is_none() {
@@ -201,7 +207,7 @@ impl Rig {
             guest_status: t.guest_status,
             console,
             elapsed,
-            l1_oops_retried: Vec::new(),
+            rig_faults: Vec::new(),
         })
     }
 

@@ -5,7 +5,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use ebb_harness::{PeerJob, Rig};
+use ebb_harness::{PeerJob, Rig, RigFault};
 
 const INTEGRITY_MIB: u64 = 256;
 
@@ -20,7 +20,15 @@ fn peer_guest_keeps_data_through_churn() {
     job.mem_mib = 1024;
     job.timeout = Duration::from_secs(420);
     let start = Instant::now();
-    let out = match rig.run_peer(&job) {
+    // Rig faults in the peer's L2 (docs/ARCHITECTURE.md, "Known flakiness") run again, at most
+    // twice, said on stderr; a lost page or a failed workload never does.
+    let reruns = rig
+        .l1_reruns("rig_peer")
+        .on(RigFault::PeerNoBoot)
+        .on(RigFault::PeerKvmInternalError)
+        .on(RigFault::PeerStoppedEarly)
+        .max_reruns(2);
+    let out = match rig.run_peer_with(&job, &reruns) {
         Ok(o) => o,
         Err(e) => panic!("peer run failed: {e}"),
     };

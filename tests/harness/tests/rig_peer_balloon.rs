@@ -6,7 +6,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use ebb_harness::{Job, Rig};
+use ebb_harness::{Job, Rig, RigFault};
 
 /// Runs in L1: the peer in the background, the balloon driven through its QMP socket.
 const SCRIPT: &str = r#"
@@ -15,6 +15,12 @@ rig-peer -s 2000 -T 300 -q "$q" -- ebb-guest integrity --mib 256 --hold-secs 60 
 peer=$!
 i=0
 while [ ! -S "$q" ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
+if [ ! -S "$q" ]; then
+    echo "EBB-PEER-ERROR qmp-missing: $q did not appear within 60 s"
+    ps; ls -l /run
+    kill "$peer" 2>/dev/null; wait "$peer"
+    exit 125
+fi
 ebb-guest qmp --socket "$q" -- '{"execute":"balloon","arguments":{"value":536870912}}'
 i=0
 while [ $i -lt 120 ]; do
@@ -35,28 +41,23 @@ wait "$peer"
 fn balloon_inflate_keeps_guest_data() {
     let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
     let start = Instant::now();
-    let run = || {
-        rig.run(&Job::shell(SCRIPT).timeout(Duration::from_secs(480)))
-            .unwrap_or_else(|e| panic!("rig run failed: {e}"))
-    };
-    let mut out = run();
     // The rig's emulated nested SVM now and then fails an event delivery in the L2 guest of
-    // either VMM (QEMU: "KVM internal error. Suberror: 3"; ebb: a triple fault); see
-    // docs/ARCHITECTURE.md, "Known flakiness". Such a run (the VM stopped early) is reported and run again, at most twice.
-    for _ in 0..2 {
-        let text = out.output_text();
-        if out.status == 0
-            || !(text.contains("KVM internal error")
-                || text.contains("EBB-PEER-ERROR the VM stopped"))
-        {
-            break;
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "rig_peer_balloon: WARNING: the peer's guest stopped early (rig fault), running again:\n{text}"
-        );
-        out = run();
-    }
+    // either VMM (here QEMU's: "KVM internal error. Suberror: 3", or the guest stops with status
+    // shutdown), and once the peer's QMP socket never appeared; see docs/ARCHITECTURE.md, "Known
+    // flakiness". Such a run is a rig fault: run again at most twice, said on stderr.
+    let reruns = rig
+        .l1_reruns("rig_peer_balloon")
+        .on(RigFault::PeerNoBoot)
+        .on(RigFault::PeerQmpMissing)
+        .on(RigFault::PeerKvmInternalError)
+        .on(RigFault::PeerStoppedEarly)
+        .max_reruns(2);
+    let out = rig
+        .run_with(
+            &Job::shell(SCRIPT).timeout(Duration::from_secs(480)),
+            &reruns,
+        )
+        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
     let _ = writeln!(
         std::io::stderr(),
         "rig_peer_balloon: {:?} mode, took {:.1} s",

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use ebb_harness::{Job, Mode, Rig, RigError};
+use ebb_harness::{Job, Mode, Rig, RigError, RigFault, RigFaultError};
 
 fn rig() -> Rig {
     Rig::from_env().expect("rig images (run resources/setup.sh first)")
@@ -113,10 +113,12 @@ fn l1_kernel_oops_stops_the_run() {
                 .timeout(Duration::from_secs(300)),
         )
         .unwrap_err();
-    assert!(
-        matches!(&err, RigError::L1Oops { message, .. } if message.contains("rig watcher test")),
-        "{err}"
-    );
+    let RigError::RigFaults(RigFaultError::EveryAttempt { attempts, .. }) = &err else {
+        panic!("expected a rig fault on every attempt, got {err}");
+    };
+    assert_eq!(attempts.len(), 1, "no re-run when none is allowed");
+    assert_eq!(attempts[0].fault, RigFault::L1Oops);
+    assert!(attempts[0].evidence.contains("rig watcher test"), "{err}");
     assert!(
         start.elapsed() < Duration::from_secs(200),
         "stopped soon after the oops"
