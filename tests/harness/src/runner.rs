@@ -22,6 +22,12 @@ const OOPS_GRACE: Duration = Duration::from_secs(10);
 /// What is missing when L1's console ended before it reached the job (see [`RigFault::L1Boot`]).
 pub const L1_DID_NOT_BOOT: &str = "EBB-RIG-KVM (L1 did not boot)";
 
+/// The outer QEMU's accelerator unless `EBB_RIG_QEMU_ACCEL` says otherwise.
+pub const DEFAULT_ACCEL: &str = "tcg,thread=multi";
+/// The CPU the outer QEMU emulates for L1 unless `EBB_RIG_CPU` says otherwise (it must offer
+/// SVM with NPT for kvm-amd in L1).
+pub const DEFAULT_CPU: &str = "EPYC,+svm,+npt";
+
 /// How many console lines an error message carries.
 const TAIL_LINES: usize = 40;
 
@@ -83,6 +89,10 @@ pub struct Rig {
     pub l1_cpus: u32,
     /// Extra L1 kernel command line.
     pub l1_append: String,
+    /// The outer QEMU's `-accel` value ([`DEFAULT_ACCEL`]).
+    pub accel: String,
+    /// The outer QEMU's `-cpu` value ([`DEFAULT_CPU`]).
+    pub cpu: String,
     /// Copy every console line to stderr as it arrives.
     pub echo: bool,
     /// How many times [`Rig::run`] starts a job again after L1 oopsed or did not boot
@@ -97,10 +107,18 @@ fn env_u32(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
 impl Rig {
     /// Configuration from the environment: images from `EBB_CACHE` (see [`RigImages::locate`]),
     /// `EBB_RIG_MODE`, `EBB_RIG_QEMU`, `EBB_RIG_L1_MEM` (MiB, 3072), `EBB_RIG_L1_CPUS` (2),
-    /// `EBB_RIG_L1_APPEND`, `EBB_RIG_ECHO=1`.
+    /// `EBB_RIG_L1_APPEND`, `EBB_RIG_QEMU_ACCEL` ([`DEFAULT_ACCEL`]), `EBB_RIG_CPU`
+    /// ([`DEFAULT_CPU`]), `EBB_RIG_ECHO=1`.
     pub fn from_env() -> Result<Self, RigError> {
         let images = RigImages::locate()?;
         let mode = select_mode(
@@ -116,6 +134,8 @@ impl Rig {
             l1_mem_mib: env_u32("EBB_RIG_L1_MEM", 3072),
             l1_cpus: env_u32("EBB_RIG_L1_CPUS", 2),
             l1_append: std::env::var("EBB_RIG_L1_APPEND").unwrap_or_default(),
+            accel: env_or("EBB_RIG_QEMU_ACCEL", DEFAULT_ACCEL),
+            cpu: env_or("EBB_RIG_CPU", DEFAULT_CPU),
             echo: std::env::var("EBB_RIG_ECHO").is_ok_and(|v| v == "1"),
             l1_oops_retries: env_u32("EBB_RIG_L1_OOPS_RETRIES", 1),
         })
@@ -235,7 +255,7 @@ impl Rig {
             append = format!("{append} {}", self.l1_append);
         }
         let mut cmd = std::process::Command::new(&self.qemu);
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt"])
+        cmd.args(["-accel", &self.accel, "-cpu", &self.cpu])
             .args([
                 "-smp",
                 &self.l1_cpus.to_string(),

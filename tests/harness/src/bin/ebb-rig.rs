@@ -210,6 +210,14 @@ fn main() -> ExitCode {
                             ""
                         }
                     );
+                    println!(
+                        "outer QEMU: {} -accel {} -cpu {}; L1: {} vCPUs, {} MiB",
+                        r.qemu.display(),
+                        r.accel,
+                        r.cpu,
+                        r.l1_cpus,
+                        r.l1_mem_mib
+                    );
                     println!("{:#?}", r.images);
                 }
                 Err(e) => println!("images: {e}"),
