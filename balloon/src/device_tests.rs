@@ -1,0 +1,485 @@
+use std::sync::Mutex;
+
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::F_FREE_PAGE_HINT;
+
+const RAM: u64 = 16 << 20;
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<(u64, u64)>>,
+    fail: bool,
+}
+
+impl ReleaseBackend for Recorder {
+    fn release(&self, gpa: u64, len: u64) -> Result<u64, ReleaseError> {
+        assert!(
+            gpa + len <= RAM
+                && gpa.is_multiple_of(PAGE_SIZE)
+                && len.is_multiple_of(PAGE_SIZE)
+                && len > 0
+        );
+        self.calls.lock().unwrap().push((gpa, len));
+        if self.fail {
+            return Err(ReleaseError {
+                gpa,
+                len,
+                source: "refused".into(),
+            });
+        }
+        Ok(len)
+    }
+}
+
+#[derive(Default)]
+struct Irqs(Mutex<Vec<NotifyKind>>);
+
+impl Notifier for Irqs {
+    fn notify(&self, kind: NotifyKind) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(kind);
+        Ok(())
+    }
+}
+
+fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap()
+}
+
+fn queue_base(i: usize) -> GuestAddress {
+    GuestAddress(0x10_0000 + i as u64 * 0x1_0000)
+}
+
+fn mocks(mem: &GuestMemoryMmap, n: usize) -> Vec<MockSplitQueue<'_, GuestMemoryMmap>> {
+    (0..n)
+        .map(|i| MockSplitQueue::create(mem, queue_base(i), QUEUE_SIZE))
+        .collect()
+}
+
+/// Driver side of one queue: the mock plus the next free descriptor index.
+struct DriverQueue<'a> {
+    mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    next: u16,
+}
+
+impl DriverQueue<'_> {
+    /// Adds one chain of (addr, len, flags) buffers and returns its head index.
+    fn add(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+        let head = self.next;
+        let descs: Vec<RawDescriptor> = bufs
+            .iter()
+            .enumerate()
+            .map(|(k, &(addr, len, flags))| {
+                let last = k + 1 == bufs.len();
+                let flags = if last { flags } else { flags | NEXT };
+                let next = if last { 0 } else { head + k as u16 + 1 };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.mock.add_desc_chains(&descs, head).unwrap();
+        self.next += bufs.len() as u16;
+        head
+    }
+
+    fn used(&self) -> Vec<u32> {
+        let n = self.mock.used().idx().load();
+        (0..n as usize)
+            .map(|i| self.mock.used().ring().ref_at(i).unwrap().load().id())
+            .collect()
+    }
+}
+
+struct Rig<'a> {
+    balloon: Balloon,
+    backend: Arc<Recorder>,
+    irqs: Arc<Irqs>,
+    queues: Vec<DriverQueue<'a>>,
+}
+
+/// A balloon offering `config`, negotiated with `acked`, activated over fresh mock queues.
+fn rig(mem: &GuestMemoryMmap, config: BalloonConfig, acked: u64, fail: bool) -> Rig<'_> {
+    let backend = Arc::new(Recorder {
+        fail,
+        ..Default::default()
+    });
+    let irqs = Arc::new(Irqs::default());
+    let mut balloon = Balloon::new(config, RAM, backend.clone()).unwrap();
+    balloon.ack_features(acked);
+    let n = queue_roles(balloon.acked_features()).len();
+    let queues: Vec<DriverQueue<'_>> = mocks(mem, n)
+        .into_iter()
+        .map(|mock| DriverQueue { mock, next: 0 })
+        .collect();
+    let qs = queues
+        .iter()
+        .map(|d| d.mock.create_queue::<Queue>().unwrap())
+        .collect();
+    balloon.activate(mem.clone(), qs, irqs.clone()).unwrap();
+    Rig {
+        balloon,
+        backend,
+        irqs,
+        queues,
+    }
+}
+
+fn all_features() -> BalloonConfig {
+    BalloonConfig {
+        stats: true,
+        deflate_on_oom: true,
+        reporting: true,
+    }
+}
+
+/// Writes `pfns` as le32 at `at` and returns the byte length.
+fn put_pfns(mem: &GuestMemoryMmap, at: u64, pfns: &[u32]) -> u32 {
+    let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+    bytes.len() as u32
+}
+
+const BUF: u64 = 0x80_0000;
+
+#[test]
+fn inflate_releases_coalesced_ranges_and_interrupts() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default(), 0, false);
+    let len = put_pfns(&mem, BUF, &[10, 11, 12, 20, 13, 21, 100]);
+    let head = r.queues[0].add(&[(BUF, len, 0)]);
+    r.balloon.queue_notify(0);
+    assert_eq!(
+        *r.backend.calls.lock().unwrap(),
+        vec![
+            (10 * 4096, 4 * 4096),
+            (20 * 4096, 2 * 4096),
+            (100 * 4096, 4096)
+        ]
+    );
+    assert_eq!(r.queues[0].used(), vec![u32::from(head)]);
+    assert_eq!(*r.irqs.0.lock().unwrap(), vec![NotifyKind::Queue]);
+    let s = r.balloon.stats();
+    assert_eq!(s.pages_inflated, 7);
+    assert_eq!(s.inflate_ranges, 3);
+    assert_eq!(s.bytes_released, 7 * 4096);
+    assert_eq!(r.balloon.held_pages(), 7);
+    // A notification with nothing queued does nothing.
+    r.balloon.queue_notify(0);
+    assert_eq!(r.irqs.0.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn hostile_inflate_chains_are_counted_and_dropped() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default(), 0, false);
+    let ram_pages = (RAM / PAGE_SIZE) as u32;
+    // Out of RAM, u32::MAX and a duplicate inside one buffer; the rest is used.
+    let len = put_pfns(&mem, BUF, &[5, ram_pages, u32::MAX, 6, 5]);
+    r.queues[0].add(&[(BUF, len, 0)]);
+    // A length that is not a multiple of 4: the whole chain goes, nothing released.
+    put_pfns(&mem, BUF + 0x1000, &[40, 41]);
+    r.queues[0].add(&[(BUF + 0x1000, 6, 0)]);
+    // A device-writable buffer is skipped, the readable one in the same chain is used.
+    let len2 = put_pfns(&mem, BUF + 0x2000, &[50]);
+    r.queues[0].add(&[(BUF + 0x3000, 4, WRITE), (BUF + 0x2000, len2, 0)]);
+    // A buffer outside guest memory, and an absurd length.
+    r.queues[0].add(&[(0xffff_0000_0000, 4, 0)]);
+    r.queues[0].add(&[(BUF, 0x8000_0000, 0)]);
+    // A buffer that straddles the end of guest memory.
+    r.queues[0].add(&[(RAM - 4, 8, 0)]);
+    r.balloon.queue_notify(0);
+
+    assert_eq!(
+        *r.backend.calls.lock().unwrap(),
+        vec![(5 * 4096, 2 * 4096), (50 * 4096, 4096)]
+    );
+    let s = r.balloon.stats();
+    assert_eq!(s.bad_pfns, 2);
+    assert_eq!(s.duplicate_pfns, 1);
+    assert_eq!(s.bad_descriptors, 1);
+    assert_eq!(s.chains_dropped, 4);
+    assert_eq!(s.pages_inflated, 3);
+    assert_eq!(
+        r.queues[0].used().len(),
+        6,
+        "every chain goes back to the driver"
+    );
+    assert_eq!(s.chains_used, 6);
+
+    // Inflating an already held page again is a duplicate, not a second release.
+    let len = put_pfns(&mem, BUF, &[6]);
+    r.queues[0].add(&[(BUF, len, 0)]);
+    r.balloon.queue_notify(0);
+    assert_eq!(r.balloon.stats().duplicate_pfns, 2);
+    assert_eq!(r.backend.calls.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn a_queue_index_past_the_last_queue_is_ignored() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default(), 0, false);
+    r.balloon.queue_notify(2);
+    r.balloon.queue_notify(usize::MAX);
+    assert_eq!(r.balloon.stats(), BalloonStats::default());
+}
+
+#[test]
+fn deflate_counts_and_releases_nothing() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default(), 0, false);
+    let len = put_pfns(&mem, BUF, &[1, 2, 3]);
+    r.queues[0].add(&[(BUF, len, 0)]);
+    r.balloon.queue_notify(0);
+    let len = put_pfns(&mem, BUF + 0x1000, &[2, 3, 9, 99_999_999]);
+    r.queues[1].add(&[(BUF + 0x1000, len, 0)]);
+    r.balloon.queue_notify(1);
+    let s = r.balloon.stats();
+    assert_eq!(s.pages_deflated, 2);
+    assert_eq!(s.deflate_not_held, 1);
+    assert_eq!(s.bad_pfns, 1);
+    assert_eq!(r.balloon.held_pages(), 1);
+    assert_eq!(r.backend.calls.lock().unwrap().len(), 1, "only the inflate");
+    assert_eq!(r.queues[1].used().len(), 1);
+}
+
+fn stat_bytes(entries: &[(u16, u64)]) -> Vec<u8> {
+    entries
+        .iter()
+        .flat_map(|(t, v)| {
+            let mut e = t.to_le_bytes().to_vec();
+            e.extend_from_slice(&v.to_le_bytes());
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn stats_buffer_is_parsed_held_and_returned_on_request() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default(), 1 << F_STATS_VQ, false);
+    assert_eq!(r.balloon.queue_role(2), Some(QueueRole::Stats));
+    assert!(!r.balloon.request_stats(), "no buffer yet");
+    let b = stat_bytes(&[(4, 100 << 20), (5, 256 << 20), (42, 7)]);
+    mem.write_slice(&b, GuestAddress(BUF)).unwrap();
+    let head = r.queues[2].add(&[(BUF, b.len() as u32, 0)]);
+    r.balloon.queue_notify(2);
+    let g = r.balloon.guest_stats().unwrap();
+    assert_eq!(g.get(4), Some(100 << 20));
+    assert_eq!(g.get(5), Some(256 << 20));
+    assert_eq!(g.get(42), Some(7), "unknown tags are kept by number");
+    assert!(r.queues[2].used().is_empty(), "the buffer is held");
+    assert!(r.balloon.request_stats());
+    assert_eq!(r.queues[2].used(), vec![u32::from(head)]);
+    assert!(!r.balloon.request_stats(), "already returned");
+    let s = r.balloon.stats();
+    assert_eq!((s.stats_updates, s.stats_requests), (1, 1));
+    assert_eq!(*r.irqs.0.lock().unwrap(), vec![NotifyKind::Queue]);
+
+    // The driver refills: the new figures replace the old ones.
+    let b = stat_bytes(&[(4, 1)]);
+    mem.write_slice(&b, GuestAddress(BUF)).unwrap();
+    r.queues[2].add(&[(BUF, b.len() as u32, 0)]);
+    r.balloon.queue_notify(2);
+    assert_eq!(r.balloon.guest_stats().unwrap().get(4), Some(1));
+    assert_eq!(r.balloon.guest_stats().unwrap().get(5), None);
+}
+
+#[test]
+fn stats_sent_before_driver_ok_are_picked_up_at_activation() {
+    let mem = mem();
+    let backend = Arc::new(Recorder::default());
+    let mut balloon = Balloon::new(BalloonConfig::default(), RAM, backend).unwrap();
+    balloon.ack_features(1 << F_STATS_VQ);
+    let ms = mocks(&mem, 3);
+    let mut stats_q = DriverQueue {
+        mock: MockSplitQueue::create(&mem, queue_base(2), QUEUE_SIZE),
+        next: 0,
+    };
+    let b = stat_bytes(&[(6, 12345)]);
+    mem.write_slice(&b, GuestAddress(BUF)).unwrap();
+    stats_q.add(&[(BUF, b.len() as u32, 0)]);
+    let qs = vec![
+        ms[0].create_queue::<Queue>().unwrap(),
+        ms[1].create_queue::<Queue>().unwrap(),
+        stats_q.mock.create_queue::<Queue>().unwrap(),
+    ];
+    balloon
+        .activate(mem.clone(), qs, Arc::new(Irqs::default()))
+        .unwrap();
+    assert_eq!(balloon.guest_stats().unwrap().get(6), Some(12345));
+}
+
+#[test]
+fn reported_ranges_are_validated_merged_and_released() {
+    let mem = mem();
+    // Stats not negotiated: reporting is queue 2, not 3.
+    let mut r = rig(&mem, all_features(), 1 << F_REPORTING, false);
+    assert_eq!(r.balloon.queue_role(2), Some(QueueRole::Reporting));
+    let mib = 1u64 << 20;
+    let head = r.queues[2].add(&[
+        (4 * mib, 2 << 20, WRITE),
+        (6 * mib, 2 << 20, WRITE),
+        (10 * mib + 1, 4096, WRITE),
+        (12 * mib, 0, WRITE),
+        (RAM - 4096, 8192, WRITE),
+        (u64::MAX - 4095, 4096, WRITE),
+        (14 * mib, 4096 + 512, 0),
+        (8 * mib, 4096, 0),
+    ]);
+    r.balloon.queue_notify(2);
+    assert_eq!(
+        *r.backend.calls.lock().unwrap(),
+        vec![(4 * mib, 4 * mib + 4096)],
+        "adjacent blocks are one release"
+    );
+    let s = r.balloon.stats();
+    assert_eq!(s.bad_ranges, 5);
+    assert_eq!(s.reports_handled, 3);
+    assert_eq!(s.bytes_reported, 4 * mib + 4096);
+    assert_eq!(r.queues[2].used(), vec![u32::from(head)]);
+}
+
+#[test]
+fn queue_indices_follow_negotiated_features() {
+    use QueueRole::*;
+    assert_eq!(queue_roles(0), vec![Inflate, Deflate]);
+    assert_eq!(queue_roles(1 << F_STATS_VQ), vec![Inflate, Deflate, Stats]);
+    assert_eq!(
+        queue_roles(1 << F_REPORTING),
+        vec![Inflate, Deflate, Reporting]
+    );
+    let both = (1 << F_STATS_VQ) | (1 << F_REPORTING) | (1 << F_DEFLATE_ON_OOM);
+    assert_eq!(queue_roles(both), vec![Inflate, Deflate, Stats, Reporting]);
+    // Hinting is never offered, so acknowledging it changes nothing.
+    let mut b = Balloon::new(all_features(), RAM, Arc::new(Recorder::default())).unwrap();
+    assert_eq!(b.device_features(), both);
+    assert_eq!(b.queue_sizes(), vec![QUEUE_SIZE; 4]);
+    b.ack_features(1 << F_FREE_PAGE_HINT | 1 << F_REPORTING);
+    assert_eq!(b.acked_features(), 1 << F_REPORTING);
+    let off = Balloon::new(
+        BalloonConfig {
+            stats: false,
+            ..BalloonConfig::default()
+        },
+        RAM,
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    assert_eq!(off.device_features(), 0);
+    assert_eq!(off.queue_sizes().len(), 2);
+}
+
+#[test]
+fn activation_checks_the_queues_against_the_features() {
+    let mem = mem();
+    let ms = mocks(&mem, 4);
+    let make = |n: usize, ready: usize| -> Vec<Queue> {
+        (0..n)
+            .map(|i| {
+                let mut q = ms[i].create_queue::<Queue>().unwrap();
+                q.set_ready(i < ready);
+                q
+            })
+            .collect()
+    };
+    let irqs: Arc<dyn Notifier> = Arc::new(Irqs::default());
+    let mut b = Balloon::new(all_features(), RAM, Arc::new(Recorder::default())).unwrap();
+    b.ack_features(1 << F_REPORTING);
+    // A transport sized for every offered queue, with the unused last one not ready: fine.
+    b.activate(mem.clone(), make(4, 3), irqs.clone()).unwrap();
+    assert!(b.is_active());
+    b.reset();
+    b.ack_features(1 << F_REPORTING);
+    assert!(matches!(
+        b.activate(mem.clone(), make(2, 2), irqs.clone()),
+        Err(BalloonError::QueueCount {
+            expected: 3,
+            got: 2
+        })
+    ));
+    assert!(matches!(
+        b.activate(mem.clone(), make(4, 4), irqs.clone()),
+        Err(BalloonError::QueueCount { .. })
+    ));
+    // A queue whose rings lie outside guest memory.
+    let mut bad = make(3, 3);
+    bad[1].set_desc_table_address(Some(0xffff_0000), Some(0xff));
+    assert!(matches!(
+        b.activate(mem.clone(), bad, irqs.clone()),
+        Err(BalloonError::QueueInvalid(1))
+    ));
+    assert!(!b.is_active());
+}
+
+#[test]
+fn config_space_and_target() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default(), 0, false);
+    let ram_pages = RAM / PAGE_SIZE;
+    assert!(matches!(
+        r.balloon.set_target_pages(ram_pages + 1),
+        Err(BalloonError::TargetTooLarge { .. })
+    ));
+    assert_eq!(r.balloon.target_pages(), 0);
+    r.balloon.set_target_pages(1000).unwrap();
+    assert_eq!(*r.irqs.0.lock().unwrap(), vec![NotifyKind::Config]);
+    let mut b = [0u8; 8];
+    r.balloon.read_config(0, &mut b);
+    assert_eq!(b[..4], 1000u32.to_le_bytes());
+    r.balloon.write_config(0, &5u32.to_le_bytes());
+    r.balloon.write_config(4, &900u32.to_le_bytes());
+    assert_eq!(
+        r.balloon.target_pages(),
+        1000,
+        "the driver cannot set the target"
+    );
+    assert_eq!(r.balloon.actual_pages(), 900);
+    assert_eq!(r.balloon.stats().config_writes_refused, 4);
+    let mut far = [0xffu8; 4];
+    r.balloon.read_config(0x1000, &mut far);
+    assert_eq!(far, [0; 4]);
+
+    // Reset keeps the host's target and forgets the driver's state.
+    let len = put_pfns(&mem, BUF, &[1]);
+    r.queues[0].add(&[(BUF, len, 0)]);
+    r.balloon.queue_notify(0);
+    r.balloon.reset();
+    assert!(!r.balloon.is_active());
+    assert_eq!(r.balloon.target_pages(), 1000);
+    assert_eq!(r.balloon.actual_pages(), 0);
+    assert_eq!(r.balloon.held_pages(), 0);
+    // Not active: the target is stored, no interrupt.
+    r.balloon.set_target_pages(0).unwrap();
+    assert_eq!(r.irqs.0.lock().unwrap().len(), 2, "config + the inflate");
+    r.balloon.queue_notify(0);
+}
+
+#[test]
+fn release_failures_are_counted_and_the_chain_still_completes() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default(), 0, true);
+    let len = put_pfns(&mem, BUF, &[7, 9]);
+    r.queues[0].add(&[(BUF, len, 0)]);
+    r.balloon.queue_notify(0);
+    let s = r.balloon.stats();
+    assert_eq!(s.release_errors, 2);
+    assert_eq!(s.bytes_released, 0);
+    assert_eq!(s.pages_inflated, 2, "the guest gave them up all the same");
+    assert_eq!(r.queues[0].used().len(), 1);
+}
+
+#[test]
+fn ram_that_frame_numbers_cannot_describe_is_refused() {
+    for ram in [0, 4095, 4097, (u64::from(u32::MAX) + 1) * PAGE_SIZE] {
+        assert!(matches!(
+            Balloon::check_ram(ram),
+            Err(BalloonError::BadRam(_))
+        ));
+    }
+    assert_eq!(Balloon::check_ram(RAM).unwrap(), RAM / PAGE_SIZE);
+}
