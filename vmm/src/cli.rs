@@ -55,6 +55,21 @@ pub struct Cli {
     /// vCPU thread stays busy from the host's view, so use it with dedicated host CPUs.
     #[arg(long = "hlt-in-guest")]
     pub hlt_in_guest: bool,
+    /// Add a virtio-balloon device (target set through the API socket).
+    #[arg(long)]
+    pub balloon: bool,
+    /// Offer the balloon's deflate-on-OOM feature.
+    #[arg(long = "balloon-deflate-on-oom")]
+    pub balloon_deflate_on_oom: bool,
+    /// Do not offer the balloon's statistics queue.
+    #[arg(long = "balloon-no-stats")]
+    pub balloon_no_stats: bool,
+    /// Seconds between guest statistics refreshes (0: only when the API asks).
+    #[arg(long = "balloon-stats-s")]
+    pub balloon_stats_s: Option<u32>,
+    /// Offer free page reporting: the guest hands free blocks back on its own.
+    #[arg(long = "balloon-reporting")]
+    pub balloon_reporting: bool,
 }
 
 impl Cli {
@@ -78,6 +93,11 @@ impl Cli {
             thp: self.no_thp.then_some(false),
             pvh: self.pvh.then_some(true),
             hlt_in_guest: self.hlt_in_guest.then_some(true),
+            balloon: self.balloon.then_some(true),
+            balloon_deflate_on_oom: self.balloon_deflate_on_oom.then_some(true),
+            balloon_stats: self.balloon_no_stats.then_some(false),
+            balloon_stats_s: self.balloon_stats_s,
+            balloon_reporting: self.balloon_reporting.then_some(true),
         };
         VmConfig::validate(file.overlay(flags))
     }
@@ -109,6 +129,31 @@ mod tests {
         let cli = Cli::try_parse_from(["ebb", "--kernel", exe.to_str().unwrap(), "--hlt-in-guest"])
             .unwrap();
         assert!(cli.into_config().unwrap().hlt_in_guest);
+    }
+
+    #[test]
+    fn balloon_flags_parse() {
+        let exe = std::env::current_exe().unwrap();
+        let k = exe.to_str().unwrap();
+        let c = Cli::try_parse_from(["ebb", "--kernel", k]).unwrap();
+        assert_eq!(c.into_config().unwrap().balloon, None);
+        let c = Cli::try_parse_from([
+            "ebb",
+            "--kernel",
+            k,
+            "--balloon",
+            "--balloon-deflate-on-oom",
+            "--balloon-stats-s",
+            "3",
+            "--balloon-reporting",
+        ])
+        .unwrap();
+        let b = c.into_config().unwrap().balloon.unwrap();
+        assert!(b.deflate_on_oom && b.reporting && b.stats);
+        assert_eq!(b.stats_polling_interval_s, 3);
+        let c = Cli::try_parse_from(["ebb", "--kernel", k, "--balloon-reporting"]).unwrap();
+        assert!(c.into_config().is_err(), "balloon options need --balloon");
+        assert!(Cli::try_parse_from(["ebb", "--balloon-stats-s", "-1"]).is_err());
     }
 
     #[test]

@@ -54,6 +54,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// A balloon option was given without the balloon.
+    #[error("balloon option {0} needs the balloon: add --balloon (\"balloon\": true)")]
+    BalloonOptionWithoutBalloon(&'static str),
+    /// The statistics polling interval is out of range or has no queue to poll.
+    #[error(
+        "balloon-stats-s must be 0 to {MAX_BALLOON_STATS_S} and needs the statistics queue, got {0}"
+    )]
+    BadBalloonStatsInterval(u32),
     /// The config file is not valid JSON for a VM description.
     #[error("config file {path} is malformed")]
     FileMalformed {
@@ -97,6 +105,16 @@ pub struct ConfigFile {
     pub pvh: Option<bool>,
     /// Let idle vCPUs halt inside the guest (KVM HLT exits off; default false).
     pub hlt_in_guest: Option<bool>,
+    /// Add a virtio-balloon device (default false).
+    pub balloon: Option<bool>,
+    /// Offer the balloon's deflate-on-OOM feature (default false).
+    pub balloon_deflate_on_oom: Option<bool>,
+    /// Offer the balloon's statistics queue (default true).
+    pub balloon_stats: Option<bool>,
+    /// Seconds between guest statistics refreshes; 0 refreshes only when the API asks.
+    pub balloon_stats_s: Option<u32>,
+    /// Offer free page reporting (default false).
+    pub balloon_reporting: Option<bool>,
 }
 
 impl ConfigFile {
@@ -133,7 +151,59 @@ impl ConfigFile {
             thp: over.thp.or(self.thp),
             pvh: over.pvh.or(self.pvh),
             hlt_in_guest: over.hlt_in_guest.or(self.hlt_in_guest),
+            balloon: over.balloon.or(self.balloon),
+            balloon_deflate_on_oom: over.balloon_deflate_on_oom.or(self.balloon_deflate_on_oom),
+            balloon_stats: over.balloon_stats.or(self.balloon_stats),
+            balloon_stats_s: over.balloon_stats_s.or(self.balloon_stats_s),
+            balloon_reporting: over.balloon_reporting.or(self.balloon_reporting),
         }
+    }
+}
+
+/// Longest balloon statistics polling interval accepted (one day).
+pub const MAX_BALLOON_STATS_S: u32 = 86_400;
+
+/// The balloon device's options.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct BalloonSettings {
+    /// Offer deflate-on-OOM.
+    pub deflate_on_oom: bool,
+    /// Offer the statistics queue.
+    pub stats: bool,
+    /// Seconds between statistics refreshes (0: only on API request).
+    pub stats_polling_interval_s: u32,
+    /// Offer free page reporting.
+    pub reporting: bool,
+}
+
+impl BalloonSettings {
+    fn validate(file: &ConfigFile) -> Result<Option<Self>, ConfigError> {
+        if file.balloon != Some(true) {
+            let given = [
+                (
+                    "balloon-deflate-on-oom",
+                    file.balloon_deflate_on_oom.is_some(),
+                ),
+                ("balloon-stats", file.balloon_stats.is_some()),
+                ("balloon-stats-s", file.balloon_stats_s.is_some()),
+                ("balloon-reporting", file.balloon_reporting.is_some()),
+            ];
+            return match given.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(ConfigError::BalloonOptionWithoutBalloon(name)),
+                None => Ok(None),
+            };
+        }
+        let stats = file.balloon_stats.unwrap_or(true);
+        let interval = file.balloon_stats_s.unwrap_or(0);
+        if interval > MAX_BALLOON_STATS_S || (interval > 0 && !stats) {
+            return Err(ConfigError::BadBalloonStatsInterval(interval));
+        }
+        Ok(Some(BalloonSettings {
+            deflate_on_oom: file.balloon_deflate_on_oom.unwrap_or(false),
+            stats,
+            stats_polling_interval_s: interval,
+            reporting: file.balloon_reporting.unwrap_or(false),
+        }))
     }
 }
 
@@ -167,11 +237,14 @@ pub struct VmConfig {
     /// HLT exits off: an idle vCPU halts inside the guest, and KVM never parks a vCPU on a
     /// page the host has not filled yet (see `kvm::Vm::new`).
     pub hlt_in_guest: bool,
+    /// The balloon device, when there is one.
+    pub balloon: Option<BalloonSettings>,
 }
 
 impl VmConfig {
     /// Checks every field and fills defaults. Files are opened to prove they are readable.
     pub fn validate(file: ConfigFile) -> Result<Self, ConfigError> {
+        let balloon = BalloonSettings::validate(&file)?;
         let kernel = file.kernel.ok_or(ConfigError::MissingKernel)?;
         std::fs::File::open(&kernel).map_err(|source| ConfigError::KernelUnreadable {
             path: kernel.clone(),
@@ -218,6 +291,7 @@ impl VmConfig {
             thp: file.thp.unwrap_or(true),
             pvh: file.pvh.unwrap_or(false),
             hlt_in_guest: file.hlt_in_guest.unwrap_or(false),
+            balloon,
         })
     }
 
@@ -306,6 +380,48 @@ mod tests {
         assert_eq!(merged.track, Some(false));
         assert_eq!(merged.hlt_in_guest, Some(true));
         assert_eq!(merged.kernel.as_deref(), Some(Path::new("/k")));
+    }
+
+    #[test]
+    fn balloon_options() {
+        assert_eq!(VmConfig::validate(base()).unwrap().balloon, None);
+        let text = r#"{"balloon": true, "balloon_stats_s": 5, "balloon_reporting": true}"#;
+        let f = ConfigFile::parse(Path::new("x.json"), text).unwrap();
+        let b = VmConfig::validate(base().overlay(f))
+            .unwrap()
+            .balloon
+            .unwrap();
+        assert_eq!(
+            b,
+            BalloonSettings {
+                deflate_on_oom: false,
+                stats: true,
+                stats_polling_interval_s: 5,
+                reporting: true,
+            }
+        );
+        let orphan = ConfigFile {
+            balloon_reporting: Some(true),
+            ..base()
+        };
+        assert!(matches!(
+            VmConfig::validate(orphan),
+            Err(ConfigError::BalloonOptionWithoutBalloon(
+                "balloon-reporting"
+            ))
+        ));
+        for (stats, s) in [(true, MAX_BALLOON_STATS_S + 1), (false, 1)] {
+            let f = ConfigFile {
+                balloon: Some(true),
+                balloon_stats: Some(stats),
+                balloon_stats_s: Some(s),
+                ..base()
+            };
+            assert!(matches!(
+                VmConfig::validate(f),
+                Err(ConfigError::BadBalloonStatsInterval(_))
+            ));
+        }
     }
 
     #[test]
