@@ -8,7 +8,9 @@ pub struct BalloonStats {
     pub pages_inflated: u64,
     /// Pages the guest took back out of the balloon.
     pub pages_deflated: u64,
-    /// Bytes the host freed for inflated pages.
+    /// Host bytes covered by release calls for inflated pages, as the backend reports them
+    /// (ebb's memory layer may release more than the pages: a whole 2 MiB block once its
+    /// table empties).
     pub bytes_released: u64,
     /// Calls to the release backend for inflated pages (one per coalesced range).
     pub inflate_ranges: u64,
@@ -16,7 +18,7 @@ pub struct BalloonStats {
     pub reports_handled: u64,
     /// Bytes in those ranges.
     pub bytes_reported: u64,
-    /// Bytes the host freed for reported ranges.
+    /// Host bytes covered by release calls for reported ranges.
     pub bytes_report_released: u64,
     /// Frame numbers outside guest RAM (inflate or deflate), dropped.
     pub bad_pfns: u64,

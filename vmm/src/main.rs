@@ -19,6 +19,34 @@ fn error_line(e: &dyn Error) -> String {
     line
 }
 
+/// The devices and API endpoints the configuration asks for.
+fn plugins(
+    memory: &std::sync::Arc<ebb::memory::VmMemory>,
+    balloon: Option<ebb::config::BalloonSettings>,
+) -> vmm::Plugins {
+    let Some(settings) = balloon else {
+        return vmm::Plugins::default();
+    };
+    // The RAM size was checked before the VM was built, so this cannot fail in practice.
+    let parts = match ebb::devices::virtio::balloon::build(memory, &settings) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("balloon left out: {}", error_line(&e));
+            return vmm::Plugins::default();
+        }
+    };
+    if settings.stats_polling_interval_s > 0 {
+        let every = std::time::Duration::from_secs(u64::from(settings.stats_polling_interval_s));
+        if let Err(e) = ebb::devices::virtio::balloon::spawn_stats_poller(&parts.shared, every) {
+            log::warn!("balloon statistics polling off: cannot start its thread: {e}");
+        }
+    }
+    vmm::Plugins {
+        devices: vec![parts.device],
+        api: Some(parts.api),
+    }
+}
+
 fn main() -> ExitCode {
     logger::init();
     let cli = match cli::Cli::try_parse() {
@@ -42,8 +70,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if config.balloon.is_some() {
+        if let Err(e) = balloon::Balloon::check_ram(config.memory_bytes()) {
+            eprintln!("ebb: {}", error_line(&e));
+            return ExitCode::from(1);
+        }
+        if config.api_sock.is_none() {
+            log::warn!("--balloon without --api-sock: the balloon target cannot be changed");
+        }
+    }
+    let balloon_settings = config.balloon;
     let tty = ebb::terminal::RawGuard::new();
-    let result = vmm::run(config, |_| vmm::Plugins::default());
+    let result = vmm::run(config, |memory| plugins(memory, balloon_settings));
     drop(tty);
     match result {
         Ok(outcome) => {

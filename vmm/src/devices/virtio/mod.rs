@@ -8,6 +8,7 @@
 //!      └──────────────────────────── status := 0 (reset()) ◀──────────────────────────────┘
 //! ```
 
+pub mod balloon;
 pub mod mmio;
 
 use std::sync::Arc;

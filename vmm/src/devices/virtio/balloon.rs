@@ -1,0 +1,323 @@
+//! The virtio-balloon device wired into ebb: a thin [`VirtioDevice`] over the `balloon`
+//! crate's device model, the release backend that hands ranges to [`VmMemory::discard`], the
+//! `/balloon` API endpoints, and the statistics polling thread.
+//!
+//! Threads and locks: the device model sits in one `Arc<Mutex<Balloon>>`. The transport
+//! reaches it from a vCPU thread (config space, status) or the event-loop thread (queue
+//! notifications, with the transport lock held); the API handler from the event-loop thread;
+//! the polling thread on its timer. Nobody holding the balloon lock takes another lock, so
+//! the order is always transport → balloon.
+//!
+//! A queue notification runs the release synchronously on the event-loop thread: an inflate
+//! chain of 256 pages is one `discard` call per run of contiguous frames, each of which
+//! returns only after guest-mm has dropped the leaves and freed emptied table pages.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use balloon::{
+    Balloon, BalloonConfig, BalloonError, BalloonStats, Notifier, NotifyKind, PAGES_PER_MIB,
+    ReleaseBackend, ReleaseError, stat_name,
+};
+use serde_json::{Value, json};
+
+use super::{ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::api::{ApiHandler, ApiResponse};
+use crate::config::BalloonSettings;
+use crate::memory::VmMemory;
+
+/// The balloon state shared by the device, the API handler and the polling thread.
+pub type SharedBalloon = Arc<Mutex<Balloon>>;
+
+fn lock(b: &Mutex<Balloon>) -> MutexGuard<'_, Balloon> {
+    // A panic elsewhere while holding the lock leaves counters at worst half-updated.
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Gives ballooned and reported ranges back through [`VmMemory::discard`].
+pub struct MemoryRelease(pub Arc<VmMemory>);
+
+impl ReleaseBackend for MemoryRelease {
+    fn release(&self, gpa: u64, len: u64) -> Result<u64, ReleaseError> {
+        self.0.discard(gpa, len).map_err(|e| ReleaseError {
+            gpa,
+            len,
+            source: Box::new(e),
+        })
+    }
+}
+
+struct IrqNotifier(Arc<dyn VirtioInterrupt>);
+
+impl Notifier for IrqNotifier {
+    fn notify(&self, kind: NotifyKind) -> std::io::Result<()> {
+        let kind = match kind {
+            NotifyKind::Queue => InterruptKind::Queue,
+            NotifyKind::Config => InterruptKind::Config,
+        };
+        self.0.trigger(kind).map_err(|e| e.0)
+    }
+}
+
+/// The balloon as the virtio-mmio transport sees it.
+pub struct BalloonDevice {
+    shared: SharedBalloon,
+    queue_sizes: Vec<u16>,
+}
+
+impl BalloonDevice {
+    /// A device over `shared`; its queue count is fixed by the features offered.
+    pub fn new(shared: SharedBalloon) -> Self {
+        let queue_sizes = lock(&shared).queue_sizes();
+        BalloonDevice {
+            shared,
+            queue_sizes,
+        }
+    }
+}
+
+impl VirtioDevice for BalloonDevice {
+    fn device_type(&self) -> u32 {
+        balloon::DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        lock(&self.shared).device_features()
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        lock(&self.shared).ack_features(features);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.shared).read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.shared).write_config(offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let notifier = Arc::new(IrqNotifier(ctx.interrupt));
+        lock(&self.shared)
+            .activate(ctx.mem, ctx.queues, notifier)
+            .map_err(|e| ActivateError::Device(e.to_string()))
+    }
+
+    fn queue_notify(&mut self, index: usize) {
+        lock(&self.shared).queue_notify(index);
+    }
+
+    fn reset(&mut self) {
+        lock(&self.shared).reset();
+    }
+}
+
+/// What [`build`] makes: the device for the transport, the API handler, and the shared state.
+pub struct BalloonParts {
+    /// The device, for `Plugins::devices`.
+    pub device: Box<dyn VirtioDevice>,
+    /// The `/balloon` endpoints, for `Plugins::api`.
+    pub api: Box<dyn ApiHandler>,
+    /// The state both reach.
+    pub shared: SharedBalloon,
+}
+
+/// Builds the balloon over `memory` with `settings`.
+pub fn build(
+    memory: &Arc<VmMemory>,
+    settings: &BalloonSettings,
+) -> Result<BalloonParts, BalloonError> {
+    let config = BalloonConfig {
+        stats: settings.stats,
+        deflate_on_oom: settings.deflate_on_oom,
+        reporting: settings.reporting,
+    };
+    let backend = Arc::new(MemoryRelease(memory.clone()));
+    let balloon = Balloon::new(config, memory.size() as u64, backend)?;
+    let shared = Arc::new(Mutex::new(balloon));
+    Ok(BalloonParts {
+        device: Box::new(BalloonDevice::new(shared.clone())),
+        api: Box::new(BalloonApi::new(
+            shared.clone(),
+            settings.stats_polling_interval_s,
+        )),
+        shared,
+    })
+}
+
+/// Starts a thread that asks the guest for fresh statistics every `interval`; it ends on its
+/// own once the balloon is dropped.
+pub fn spawn_stats_poller(
+    shared: &SharedBalloon,
+    interval: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let weak: Weak<Mutex<Balloon>> = Arc::downgrade(shared);
+    let tick = interval.min(Duration::from_millis(500));
+    std::thread::Builder::new()
+        .name("balloon-stats".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            loop {
+                std::thread::sleep(tick);
+                let Some(b) = weak.upgrade() else {
+                    return;
+                };
+                if last.elapsed() >= interval {
+                    last = Instant::now();
+                    lock(&b).request_stats();
+                }
+            }
+        })
+}
+
+/// Request body of `PUT /balloon`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetRequest {
+    target_mib: u64,
+}
+
+/// The `/balloon` and `/balloon/stats` endpoints.
+pub struct BalloonApi {
+    shared: SharedBalloon,
+    polling_interval_s: u32,
+}
+
+impl BalloonApi {
+    /// Endpoints over `shared`; `polling_interval_s` is only reported.
+    pub fn new(shared: SharedBalloon, polling_interval_s: u32) -> Self {
+        BalloonApi {
+            shared,
+            polling_interval_s,
+        }
+    }
+
+    fn status(&self) -> ApiResponse {
+        let b = lock(&self.shared);
+        let acked = b.acked_features();
+        let offered = b.device_features();
+        let feature = |f: u64, bit: u32| f & (1 << bit) != 0;
+        let features = |f: u64| {
+            json!({
+                "stats": feature(f, balloon::F_STATS_VQ),
+                "deflate_on_oom": feature(f, balloon::F_DEFLATE_ON_OOM),
+                "reporting": feature(f, balloon::F_REPORTING),
+            })
+        };
+        ApiResponse::ok(json!({
+            "active": b.is_active(),
+            "guest_ram_mib": b.ram_bytes() >> 20,
+            "target_mib": b.target_pages() / PAGES_PER_MIB,
+            "target_pages": b.target_pages(),
+            "actual_mib": b.actual_pages() / PAGES_PER_MIB,
+            "actual_pages": b.actual_pages(),
+            "held_pages": b.held_pages(),
+            "offered": features(offered),
+            "negotiated": features(acked),
+            "stats_polling_interval_s": self.polling_interval_s,
+            "counters": counters_json(&b.stats()),
+        }))
+    }
+
+    fn set_target(&self, body: &[u8]) -> ApiResponse {
+        let req: TargetRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return ApiResponse::error(400, &format!("expected {{\"target_mib\": N}}: {e}"));
+            }
+        };
+        let mut b = lock(&self.shared);
+        let ram_mib = b.ram_bytes() >> 20;
+        let pages = req.target_mib.checked_mul(PAGES_PER_MIB);
+        match pages.map(|p| b.set_target_pages(p)) {
+            Some(Ok(())) => {
+                log::info!("balloon target set to {} MiB", req.target_mib);
+                drop(b);
+                self.status()
+            }
+            Some(Err(BalloonError::TargetTooLarge { .. })) | None => ApiResponse::error(
+                400,
+                &format!(
+                    "target_mib {} is more than guest RAM ({ram_mib} MiB)",
+                    req.target_mib
+                ),
+            ),
+            Some(Err(e)) => ApiResponse::error(400, &e.to_string()),
+        }
+    }
+
+    fn guest_stats(&self) -> ApiResponse {
+        let mut b = lock(&self.shared);
+        // The guest answers on the event loop after this request returns: the figures shown
+        // are the last ones received, and the next request sees the refreshed ones.
+        let refresh = b.request_stats();
+        let negotiated = b.acked_features() & (1 << balloon::F_STATS_VQ) != 0;
+        let Some(g) = b.guest_stats() else {
+            return ApiResponse::ok(json!({
+                "available": false,
+                "stats_queue": negotiated,
+                "refresh_requested": refresh,
+            }));
+        };
+        let mut stats = serde_json::Map::new();
+        for &(tag, val) in &g.entries {
+            let key = stat_name(tag).map_or_else(|| format!("tag_{tag}"), str::to_owned);
+            stats.insert(key, Value::from(val));
+        }
+        ApiResponse::ok(json!({
+            "available": true,
+            "stats_queue": negotiated,
+            "refresh_requested": refresh,
+            "age_ms": g.received.elapsed().as_millis() as u64,
+            "ignored_bytes": g.ignored_bytes,
+            "stats": stats,
+        }))
+    }
+}
+
+fn counters_json(s: &BalloonStats) -> Value {
+    json!({
+        "pages_inflated": s.pages_inflated,
+        "pages_deflated": s.pages_deflated,
+        "bytes_released": s.bytes_released,
+        "inflate_ranges": s.inflate_ranges,
+        "reports_handled": s.reports_handled,
+        "bytes_reported": s.bytes_reported,
+        "bytes_report_released": s.bytes_report_released,
+        "bad_pfns": s.bad_pfns,
+        "duplicate_pfns": s.duplicate_pfns,
+        "deflate_not_held": s.deflate_not_held,
+        "bad_ranges": s.bad_ranges,
+        "bad_descriptors": s.bad_descriptors,
+        "chains_dropped": s.chains_dropped,
+        "chains_used": s.chains_used,
+        "release_errors": s.release_errors,
+        "stats_updates": s.stats_updates,
+        "stats_requests": s.stats_requests,
+        "interrupt_errors": s.interrupt_errors,
+        "config_writes_refused": s.config_writes_refused,
+        "target_changes": s.target_changes,
+    })
+}
+
+impl ApiHandler for BalloonApi {
+    fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> ApiResponse {
+        match (method, path) {
+            ("GET", "/balloon") => self.status(),
+            ("PUT" | "PATCH", "/balloon") => self.set_target(body),
+            ("GET", "/balloon/stats") => self.guest_stats(),
+            (_, "/balloon") => ApiResponse::error(405, "GET, PUT or PATCH here"),
+            (_, "/balloon/stats") => ApiResponse::error(405, "only GET is supported here"),
+            _ => ApiResponse::error(404, "no such endpoint"),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "balloon_tests.rs"]
+mod tests;
