@@ -491,7 +491,10 @@ mod props {
 
     /// One buffer of a chain: frame numbers (some inside RAM, some anywhere), extra bytes that
     /// break the 4-byte length rule, the write-only flag, and whether it points outside RAM.
-    fn buffer() -> impl Strategy<Value = (Vec<u32>, u32, bool, bool)> {
+    /// (frame numbers, extra length bytes, write-only, outside RAM).
+    type Buffer = (Vec<u32>, u32, bool, bool);
+
+    fn buffer() -> impl Strategy<Value = Buffer> {
         let pfn = prop_oneof![0u32..(RAM / PAGE_SIZE) as u32 + 8, any::<u32>()];
         (
             prop::collection::vec(pfn, 0..40),
@@ -501,7 +504,7 @@ mod props {
         )
     }
 
-    fn chain() -> impl Strategy<Value = (bool, Vec<(Vec<u32>, u32, bool, bool)>)> {
+    fn chain() -> impl Strategy<Value = (bool, Vec<Buffer>)> {
         (
             prop::bool::weighted(0.7),
             prop::collection::vec(buffer(), 1..4),
