@@ -30,6 +30,11 @@ done
 [ -c /dev/kvm ] || rig_fail "no /dev/kvm after loading kvm-amd (does the CPU model have svm?)"
 echo "EBB-RIG-KVM ok npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
 
+# L1 is the test host of ebb: give shared memory 2 MiB pages where a mapping asks for them
+# (MADV_HUGEPAGE), as ebb's tracked guest RAM (a memfd) does. Debian's default is "never".
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null ||
+    echo "EBB-RIG-WARN cannot set transparent_hugepage/shmem_enabled"
+
 [ -f /rig/job/cmd ] || rig_fail "no job: /rig/job/cmd missing (the harness appends it)"
 export EBB_L2_KERNEL=/l2/bzImage EBB_L2_VMLINUX=/l2/vmlinux EBB_L2_INITRAMFS=/l2/initramfs.cpio
 export EBB_RIG=nested

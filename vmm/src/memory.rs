@@ -88,34 +88,47 @@ impl GuestRam {
             bytes: size,
             source: std::io::Error::from_raw_os_error(libc::EFAULT),
         })?;
-        if !thp {
-            // SAFETY: advice on the mapping just created; it changes no contents.
-            let rc = unsafe { libc::madvise(addr, len, libc::MADV_NOHUGEPAGE) };
-            if rc != 0 {
-                log::warn!(
-                    "MADV_NOHUGEPAGE failed: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+        let advice = if thp {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        // SAFETY: advice on the mapping just created; it changes no contents.
+        let rc = unsafe { libc::madvise(addr, len, advice) };
+        if rc != 0 {
+            log::warn!(
+                "madvise({}) on guest RAM failed: {}",
+                if thp {
+                    "MADV_HUGEPAGE"
+                } else {
+                    "MADV_NOHUGEPAGE"
+                },
+                std::io::Error::last_os_error()
+            );
         }
         // SAFETY: `host`/`len` is the mapping just created; it is never unmapped, so it
         // outlives every region built from it.
-        unsafe { Self::from_raw(host, len) }
+        unsafe { Self::from_raw(host, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) }
     }
 
-    /// Wraps an existing mapping of `size` bytes at `host` as guest RAM at address 0.
+    /// Wraps an existing mapping of `size` bytes at `host`, made with mmap `flags`, as guest
+    /// RAM at address 0.
     ///
     /// # Safety
     /// `host..host+size` must be a readable and writable mapping that stays mapped for the
     /// rest of the process's life.
-    pub unsafe fn from_raw(host: NonNull<u8>, size: usize) -> Result<Self, MemoryError> {
+    pub unsafe fn from_raw(
+        host: NonNull<u8>,
+        size: usize,
+        flags: libc::c_int,
+    ) -> Result<Self, MemoryError> {
         // SAFETY: the caller guarantees the range is a live mapping for the process lifetime.
         let region = unsafe {
             MmapRegion::build_raw(
                 host.as_ptr(),
                 size,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                flags,
             )
         }
         .map_err(|e| MemoryError::Region(e.to_string()))?;
@@ -139,6 +152,34 @@ impl GuestRam {
     /// Size of guest RAM in bytes.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Bytes of guest RAM the host maps with 2 MiB page-table entries (PMDs), from
+    /// /proc/self/smaps (`AnonHugePages` + `ShmemPmdMapped` + `FilePmdMapped` of every mapping
+    /// inside guest RAM); `None` if smaps cannot be read.
+    pub fn host_huge_bytes(&self) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let (lo, hi) = (self.host_addr(), self.host_addr() + self.size as u64);
+        let mut inside = false;
+        let mut kb = 0u64;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((a, b)) = range.split_once('-')
+                && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            {
+                inside = a >= lo && b <= hi;
+                continue;
+            }
+            if !inside {
+                continue;
+            }
+            for key in ["AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:"] {
+                if let Some(v) = line.strip_prefix(key) {
+                    kb += v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+                }
+            }
+        }
+        Some(kb * 1024)
     }
 
     /// Counts the 4 KiB pages of guest RAM that are resident in the host.
@@ -180,22 +221,44 @@ pub struct VmMemory {
 impl VmMemory {
     /// Sets up guest RAM for `config`: a guest-mm region with fault handlers when tracking,
     /// a plain anonymous mapping otherwise.
+    ///
+    /// Tracked RAM with huge pages allowed (the default) is a memfd that guest-mm fills a whole
+    /// 2 MiB block at a time (one 2 MiB leaf per block, one host PMD where the host gives shmem
+    /// huge pages), released with `fallocate(PUNCH_HOLE)`. With `--no-thp` it is anonymous
+    /// memory in 4 KiB pages, released with `MADV_DONTNEED`.
     pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
         if !config.track {
             let ram = GuestRam::anonymous(config.memory_bytes(), config.thp)?;
             return Ok(VmMemory { ram, tracker: None });
         }
+        let (backing, release) = if config.thp {
+            if !guest_mm::backing::shmem_huge_pages_available() {
+                log::warn!(
+                    "this host gives shared memory no 2 MiB pages \
+                     (/sys/kernel/mm/transparent_hugepage/shmem_enabled): guest RAM is filled \
+                     2 MiB at a time but mapped with 4 KiB host pages; \
+                     `echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled` fixes that"
+                );
+            }
+            let backing = BackingSpec::Memfd {
+                name: "ebb-guest-ram".to_owned(),
+                huge: true,
+            };
+            (backing, ReleaseMode::PunchHole)
+        } else {
+            (BackingSpec::Anonymous { thp: false }, ReleaseMode::DontNeed)
+        };
         let spec = RegionSpec {
             gpa: 0,
             len: config.memory_bytes(),
-            backing: BackingSpec::Anonymous { thp: false },
+            backing,
         };
         let faults = FaultConfig {
             handler_threads: config.fault_threads,
             fault_around_pages: config.fault_around,
             fill: FillMode::default(),
         };
-        let mm = GuestMm::new(&[spec], Strategy::Count, ReleaseMode::DontNeed, faults)
+        let mm = GuestMm::new(&[spec], Strategy::Count, release, faults)
             .map_err(MemoryError::Tracker)?;
         let region = mm
             .regions()
@@ -206,9 +269,15 @@ impl VmMemory {
             .ok_or_else(|| MemoryError::Region("guest-mm region at address 0".to_owned()))?;
         let len = usize::try_from(region.len)
             .map_err(|_| MemoryError::Region("region too large".to_owned()))?;
+        let flags = if config.thp {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+        };
         // SAFETY: the region is guest-mm's mapping, which lives as long as `mm`; `mm` is
-        // kept in the returned value, which the VMM holds until the process exits.
-        let ram = unsafe { GuestRam::from_raw(host, len)? };
+        // kept in the returned value, which the VMM holds until the process exits. `flags`
+        // are those guest-mm mapped it with.
+        let ram = unsafe { GuestRam::from_raw(host, len, flags)? };
         Ok(VmMemory {
             ram,
             tracker: Some(mm),
@@ -284,6 +353,7 @@ impl VmMemory {
         Ok(crate::report::MemoryReport {
             guest_bytes: self.ram.size() as u64,
             resident_pages: self.ram.resident_pages()?,
+            host_huge_bytes: self.ram.host_huge_bytes(),
             tracked,
         })
     }
@@ -342,15 +412,20 @@ mod tests {
         assert_eq!(v, 0);
     }
 
-    #[test]
-    fn tracked_memory_records_touched_pages_and_discard_clears_them() {
+    fn tracked(mib: u64, thp: bool) -> VmMemory {
         let file = crate::config::ConfigFile {
             kernel: Some(std::env::current_exe().unwrap()),
-            memory_mib: Some(64),
+            memory_mib: Some(mib),
             ..Default::default()
         };
-        let config = crate::config::VmConfig::validate(file).unwrap();
-        let m = VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)");
+        let mut config = crate::config::VmConfig::validate(file).unwrap();
+        config.thp = thp;
+        VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)")
+    }
+
+    #[test]
+    fn tracked_memory_records_touched_pages_and_discard_clears_them() {
+        let m = tracked(64, false);
         for page in [0u64, 1, 2, 600, 16_000] {
             m.vm_memory()
                 .write_obj(0x5au8, GuestAddress(page * 4096))
@@ -367,5 +442,35 @@ mod tests {
         assert_eq!(t.leaves_4k, 4);
         let v: u8 = m.vm_memory().read_obj(GuestAddress(600 * 4096)).unwrap();
         assert_eq!(v, 0, "a discarded page reads back as zero");
+    }
+
+    #[test]
+    fn tracked_memory_with_huge_pages_fills_whole_blocks() {
+        let m = tracked(64, true);
+        // Pages in blocks 0, 1 and 31.
+        for page in [0u64, 1, 2, 600, 16_000] {
+            m.vm_memory()
+                .write_obj(0x5au8, GuestAddress(page * 4096))
+                .unwrap();
+        }
+        let r = m.report().unwrap();
+        let t = r.tracked.expect("tracking is on");
+        assert_eq!((t.leaves_2m, t.leaves_4k), (3, 0));
+        assert_eq!(r.resident_pages, 3 * 512);
+        assert_eq!(r.leaf_pages(), Some(r.resident_pages));
+        assert_eq!(t.table_bytes, t.min_table_bytes);
+        assert_eq!(t.faults, 3, "one fault per block");
+        // A balloon-sized discard splits block 1's leaf and gives back just that page.
+        assert_eq!(m.discard(600 * 4096, 4096).unwrap(), 4096);
+        let r = m.report().unwrap();
+        let t = r.tracked.unwrap();
+        assert_eq!((t.leaves_2m, t.leaves_4k), (2, 511));
+        assert_eq!(r.resident_pages, 3 * 512 - 1);
+        assert_eq!(t.table_bytes, t.min_table_bytes);
+        let v: u8 = m.vm_memory().read_obj(GuestAddress(600 * 4096)).unwrap();
+        assert_eq!(v, 0, "a discarded page reads back as zero");
+        let v: u8 = m.vm_memory().read_obj(GuestAddress(16_000 * 4096)).unwrap();
+        assert_eq!(v, 0x5a);
+        assert!(m.report().unwrap().host_huge_bytes.is_some());
     }
 }

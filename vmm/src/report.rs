@@ -26,6 +26,8 @@ pub struct MemoryReport {
     pub guest_bytes: u64,
     /// 4 KiB pages of guest RAM resident in the host (mincore).
     pub resident_pages: u64,
+    /// Bytes of guest RAM the host maps with 2 MiB entries (smaps), if known.
+    pub host_huge_bytes: Option<u64>,
     /// Tracking figures, if tracking is on.
     pub tracked: Option<TrackStats>,
 }
@@ -53,6 +55,13 @@ impl MemoryReport {
             mib(self.resident_pages * 4096),
             self.resident_pages
         ));
+        if let Some(b) = self.host_huge_bytes {
+            s.push_str(&format!(
+                "host 2 MiB mappings:  {:>10.1} MiB  ({} of 2 MiB)\n",
+                mib(b),
+                b >> 21
+            ));
+        }
         match &self.tracked {
             None => s.push_str("tracking:             off (--no-track)\n"),
             Some(t) => {
@@ -102,6 +111,7 @@ mod tests {
         let mut r = MemoryReport {
             guest_bytes: 256 << 20,
             resident_pages: 1000,
+            host_huge_bytes: Some(4 << 20),
             tracked: None,
         };
         assert!(r.render().contains("off"));
