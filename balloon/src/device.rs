@@ -489,7 +489,7 @@ fn log_release_error(e: &ReleaseError, count: u64) {
 
 type ChainOf<'m> = virtio_queue::DescriptorChain<&'m GuestMemoryMmap>;
 
-/// Pops every available chain of queue `index` (up to [`MAX_CHAINS_PER_NOTIFY`]) and hands
+/// Pops every available chain of queue `index` (up to `MAX_CHAINS_PER_NOTIFY`) and hands
 /// it to `handle`; when `handle` returns true the chain goes straight back to the used ring.
 /// Interrupts the driver once if anything was returned.
 fn drain<F>(active: &mut Active, index: usize, ctx: &mut Ctx<'_>, mut handle: F)

@@ -36,7 +36,7 @@ pub fn stat_name(tag: u16) -> Option<&'static str> {
 pub struct GuestStats {
     /// (tag, value) in the order sent; a repeated tag keeps its last value.
     pub entries: Vec<(u16, u64)>,
-    /// Trailing bytes that did not make a whole entry, or entries beyond [`MAX_ENTRIES`].
+    /// Trailing bytes that did not make a whole entry, or entries beyond the first 64 distinct tags.
     pub ignored_bytes: usize,
     /// When the buffer arrived.
     pub received: Instant,

@@ -113,7 +113,7 @@ pub(crate) fn merge_ranges(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
     out
 }
 
-/// The bytes of a statistics chain (device-readable buffers, at most [`MAX_STATS_BYTES`]),
+/// The bytes of a statistics chain (device-readable buffers, at most `MAX_STATS_BYTES`),
 /// or `None` when a buffer cannot be read.
 pub(crate) fn read_stats(
     chain: Chain<'_>,
