@@ -265,8 +265,21 @@ impl Balloon {
         self.frames.clear();
     }
 
-    /// The driver notified queue `index`.
+    /// The driver notified queue `index`. The time spent (releases included) is counted in
+    /// `notify_ns_total` / `notify_ns_max`: it is time the caller's thread is held.
     pub fn queue_notify(&mut self, index: usize) {
+        if self.active.is_none() {
+            return;
+        }
+        let start = Instant::now();
+        self.handle_notify(index);
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.notifications += 1;
+        self.stats.notify_ns_total = self.stats.notify_ns_total.saturating_add(ns);
+        self.stats.notify_ns_max = self.stats.notify_ns_max.max(ns);
+    }
+
+    fn handle_notify(&mut self, index: usize) {
         let Balloon {
             active,
             frames,

@@ -168,6 +168,7 @@ fn inflate_releases_coalesced_ranges_and_interrupts() {
     assert_eq!(s.inflate_ranges, 3);
     assert_eq!(s.bytes_released, 7 * 4096);
     assert_eq!(r.balloon.held_pages(), 7);
+    assert!(s.notify_ns_total > 0 && s.notify_ns_max <= s.notify_ns_total);
     // A notification with nothing queued does nothing.
     r.balloon.queue_notify(0);
     assert_eq!(r.irqs.0.lock().unwrap().len(), 1);
@@ -223,9 +224,20 @@ fn hostile_inflate_chains_are_counted_and_dropped() {
 fn a_queue_index_past_the_last_queue_is_ignored() {
     let mem = mem();
     let mut r = rig(&mem, BalloonConfig::default(), 0, false);
+    let before = r.balloon.stats();
     r.balloon.queue_notify(2);
     r.balloon.queue_notify(usize::MAX);
-    assert_eq!(r.balloon.stats(), BalloonStats::default());
+    let after = r.balloon.stats();
+    assert_eq!(after.notifications, before.notifications + 2);
+    let untimed = |s: BalloonStats| BalloonStats {
+        notifications: 0,
+        notify_ns_total: 0,
+        notify_ns_max: 0,
+        ..s
+    };
+    assert_eq!(untimed(after), untimed(before));
+    assert_eq!(untimed(after), BalloonStats::default());
+    assert!(r.irqs.0.lock().unwrap().is_empty());
 }
 
 #[test]

@@ -47,4 +47,10 @@ pub struct BalloonStats {
     pub config_writes_refused: u64,
     /// Config-change interrupts raised for a new target.
     pub target_changes: u64,
+    /// Queue notifications handled while active (activation's own pass included).
+    pub notifications: u64,
+    /// Nanoseconds spent handling them, releases included.
+    pub notify_ns_total: u64,
+    /// Longest single notification, in nanoseconds.
+    pub notify_ns_max: u64,
 }

@@ -302,6 +302,9 @@ fn counters_json(s: &BalloonStats) -> Value {
         "interrupt_errors": s.interrupt_errors,
         "config_writes_refused": s.config_writes_refused,
         "target_changes": s.target_changes,
+        "notifications": s.notifications,
+        "notify_ns_total": s.notify_ns_total,
+        "notify_ns_max": s.notify_ns_max,
     })
 }
 
