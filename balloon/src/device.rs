@@ -444,11 +444,10 @@ impl Ctx<'_> {
             }
         }
         self.stats.pages_inflated += fresh.len() as u64;
-        for range in coalesce(&mut fresh) {
-            self.stats.inflate_ranges += 1;
-            if let Some(n) = self.release(range) {
-                self.stats.bytes_released += n;
-            }
+        let ranges = coalesce(&mut fresh);
+        self.stats.inflate_ranges += ranges.len() as u64;
+        if let Some(n) = self.release(&ranges) {
+            self.stats.bytes_released += n;
         }
     }
 
@@ -466,16 +465,20 @@ impl Ctx<'_> {
 
     fn report(&mut self, ranges: Vec<PageRange>) {
         self.stats.reports_handled += ranges.len() as u64;
-        for range in merge_ranges(ranges) {
-            self.stats.bytes_reported += range.len();
-            if let Some(n) = self.release(range) {
-                self.stats.bytes_report_released += n;
-            }
+        let merged = merge_ranges(ranges);
+        self.stats.bytes_reported += merged.iter().map(PageRange::len).sum::<u64>();
+        if let Some(n) = self.release(&merged) {
+            self.stats.bytes_report_released += n;
         }
     }
 
-    fn release(&mut self, range: PageRange) -> Option<u64> {
-        match self.backend.release(range.gpa(), range.len()) {
+    /// One backend call for all of a chain's ranges.
+    fn release(&mut self, ranges: &[PageRange]) -> Option<u64> {
+        if ranges.is_empty() {
+            return None;
+        }
+        self.stats.release_calls += 1;
+        match self.backend.release_many(ranges) {
             Ok(n) => Some(n),
             Err(e) => {
                 self.stats.release_errors += 1;

@@ -60,14 +60,14 @@ pub const F_PAGE_POISON: u32 = 4;
 /// Feature bit: free page reporting queue exists.
 pub const F_REPORTING: u32 = 5;
 
-/// Why the host could not take a range back.
+/// Why the host could not take ranges back.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot release guest range {gpa:#x}+{len:#x}")]
+#[error("cannot release {ranges} guest range(s) starting at {gpa:#x}")]
 pub struct ReleaseError {
-    /// Start of the range.
+    /// Start of the first range of the call.
     pub gpa: u64,
-    /// Length in bytes.
-    pub len: u64,
+    /// Ranges in the call.
+    pub ranges: usize,
     /// What the memory layer said.
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
@@ -76,9 +76,20 @@ pub struct ReleaseError {
 /// Where the balloon gives guest memory back: the VMM's memory layer.
 ///
 /// Ranges handed in are 4 KiB aligned, non-empty and inside guest RAM (the device checked).
-/// The call is synchronous: when it returns, the host memory (and in ebb the page-table pages
-/// that mapped it) is gone.
+/// The calls are synchronous: when they return, the host memory (and in ebb the page-table
+/// pages that mapped it) is gone.
 pub trait ReleaseBackend: Send + Sync {
-    /// Releases `gpa..gpa+len`; returns the bytes the host actually freed.
+    /// Releases `gpa..gpa+len`; returns the host bytes the release covered.
     fn release(&self, gpa: u64, len: u64) -> Result<u64, ReleaseError>;
+
+    /// Releases every range of one chain in one call; returns the host bytes covered. The
+    /// default makes one [`release`](Self::release) per range and stops at the first error;
+    /// a memory layer that can batch (one table pass, merged host calls) overrides it.
+    fn release_many(&self, ranges: &[PageRange]) -> Result<u64, ReleaseError> {
+        let mut bytes = 0;
+        for r in ranges {
+            bytes += self.release(r.gpa(), r.len())?;
+        }
+        Ok(bytes)
+    }
 }

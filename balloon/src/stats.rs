@@ -12,8 +12,10 @@ pub struct BalloonStats {
     /// (ebb's memory layer may release more than the pages: a whole 2 MiB block once its
     /// table empties).
     pub bytes_released: u64,
-    /// Calls to the release backend for inflated pages (one per coalesced range).
+    /// Runs of contiguous inflated pages (coalesced ranges handed to the backend).
     pub inflate_ranges: u64,
+    /// Calls to the release backend (one per chain that had something to release).
+    pub release_calls: u64,
     /// Free-page-reporting ranges released.
     pub reports_handled: u64,
     /// Bytes in those ranges.
@@ -35,7 +37,7 @@ pub struct BalloonStats {
     pub chains_dropped: u64,
     /// Chains returned to the guest, all queues.
     pub chains_used: u64,
-    /// Backend calls that failed.
+    /// Backend calls that failed (the pages of a failed inflate stay counted as held).
     pub release_errors: u64,
     /// Statistics buffers received from the guest.
     pub stats_updates: u64,

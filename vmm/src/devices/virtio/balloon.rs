@@ -9,7 +9,7 @@
 //! the order is always transport → balloon.
 //!
 //! A queue notification runs the release synchronously on the event-loop thread: an inflate
-//! chain of 256 pages is one `discard` call per run of contiguous frames, each of which
+//! chain of 256 pages is one `discard_many` call over its runs of contiguous frames, which
 //! returns only after guest-mm has dropped the leaves and freed emptied table pages.
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use balloon::{
     Balloon, BalloonConfig, BalloonError, BalloonStats, Notifier, NotifyKind, PAGES_PER_MIB,
-    ReleaseBackend, ReleaseError, stat_name,
+    PageRange, ReleaseBackend, ReleaseError, stat_name,
 };
 use serde_json::{Value, json};
 
@@ -41,7 +41,16 @@ impl ReleaseBackend for MemoryRelease {
     fn release(&self, gpa: u64, len: u64) -> Result<u64, ReleaseError> {
         self.0.discard(gpa, len).map_err(|e| ReleaseError {
             gpa,
-            len,
+            ranges: 1,
+            source: Box::new(e),
+        })
+    }
+
+    fn release_many(&self, ranges: &[PageRange]) -> Result<u64, ReleaseError> {
+        let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
+        self.0.discard_many(&pairs).map_err(|e| ReleaseError {
+            gpa: pairs.first().map_or(0, |r| r.0),
+            ranges: pairs.len(),
             source: Box::new(e),
         })
     }
@@ -286,6 +295,7 @@ fn counters_json(s: &BalloonStats) -> Value {
         "pages_deflated": s.pages_deflated,
         "bytes_released": s.bytes_released,
         "inflate_ranges": s.inflate_ranges,
+        "release_calls": s.release_calls,
         "reports_handled": s.reports_handled,
         "bytes_reported": s.bytes_reported,
         "bytes_report_released": s.bytes_report_released,

@@ -201,6 +201,8 @@ fn inflate_through_the_transport_releases_pages_and_their_tables() {
     // table pages around the ranges; never less than the pages themselves.
     assert!(c["bytes_released"].as_u64().unwrap() >= 67 * 4096);
     assert_eq!(c["inflate_ranges"], 4);
+    // One discard_many per chain: inflate, reporting.
+    assert_eq!(c["release_calls"], 2);
     assert_eq!(c["pages_deflated"], 32);
     assert_eq!(c["reports_handled"], 1);
     assert_eq!(c["bytes_reported"], 2 * MIB);
