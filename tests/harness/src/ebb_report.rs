@@ -281,6 +281,32 @@ mod tests {
     }
 
     #[test]
+    fn a_report_as_ebb_prints_it_in_the_rig() {
+        // Taken from a tracked boot in the rig (memfd RAM, 2 MiB leaves), console around it.
+        let text = "EBB-L2-END status=0\n[    4.780112] reboot: Power down\n\n\
+            ---- ebb memory report ----\n\
+            guest RAM:                 512.0 MiB\n\
+            touched (resident):        412.0 MiB  (105472 pages of 4 KiB)\n\
+            host 2 MiB mappings:       412.0 MiB  (206 of 2 MiB)\n\
+            leaves:                        0 x 4 KiB + 206 x 2 MiB = 412.0 MiB\n\
+            table pages:          PT 0 | PD 1 | PDPT 1 | PML4 1\n\
+            table bytes:               12288  minimum 12288 (minimal)\n\
+            faults handled:              206\n\
+            leaves cover touched:        yes  (105472 leaf pages vs 105472 resident)\n\
+            ---------------------------\n\
+            ebb: guest powered off after 6.276 s (1034 vCPU exits)\n";
+        let r = EbbReport::parse(text).unwrap();
+        assert_eq!((r.leaves_4k, r.leaves_2m), (0, 206));
+        assert_eq!(r.leaf_pages(), 105472);
+        assert_eq!(r.resident_pages, 105472);
+        assert_eq!(
+            (r.table_bytes, r.min_table_bytes, r.faults),
+            (12288, 12288, 206)
+        );
+        assert!(r.faults >= r.leaves());
+    }
+
+    #[test]
     fn not_covering_is_read_as_such() {
         let text = report("10 x 4 KiB", 12, "NO  (10 leaf pages vs 12 resident)");
         assert!(!EbbReport::parse(&text).unwrap().covers);
