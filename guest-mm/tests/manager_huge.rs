@@ -8,7 +8,9 @@ mod manager_common;
 use std::sync::Arc;
 use std::thread;
 
-use guest_mm::backing::{ReleaseMode, shmem_huge_pages_available};
+use guest_mm::backing::{
+    BackingError, BackingKind, HostBacking, MemfdBacking, ReleaseMode, shmem_huge_pages_available,
+};
 use guest_mm::manager::{BackingSpec, FaultConfig, GuestMm, RegionSpec, gpa_range};
 use guest_mm::{BLOCK_SIZE, PAGE_SIZE, Strategy};
 use manager_common::{MIB, assert_exact, read, settle, write};
@@ -138,4 +140,104 @@ fn empty_blocks_fill_whole_and_partial_discards_split() {
         assert_eq!(mm.stats().tables.tables[..3], [0, 0, 0]);
         eprintln!("{strategy:?}/{release}: ok");
     }
+}
+
+/// A huge memfd backing that, like a kernel failing to split a 2 MiB page, keeps one page
+/// resident (zeroed) whatever release covers it.
+#[derive(Debug)]
+struct StickyPage {
+    inner: MemfdBacking,
+    sticky: u64,
+}
+
+impl HostBacking for StickyPage {
+    fn host_ptr(&self) -> *mut u8 {
+        self.inner.host_ptr()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn kind(&self) -> BackingKind {
+        self.inner.kind()
+    }
+    fn supports(&self, mode: ReleaseMode) -> bool {
+        self.inner.supports(mode)
+    }
+    fn release(&self, offset: u64, len: u64, mode: ReleaseMode) -> Result<(), BackingError> {
+        let end = offset + len;
+        if !(offset..end).contains(&self.sticky) {
+            return self.inner.release(offset, len, mode);
+        }
+        if offset < self.sticky {
+            self.inner.release(offset, self.sticky - offset, mode)?;
+        }
+        if self.sticky + PAGE_SIZE < end {
+            self.inner
+                .release(self.sticky + PAGE_SIZE, end - self.sticky - PAGE_SIZE, mode)?;
+        }
+        // SAFETY: the sticky page lies inside the live mapping and is resident (it is only
+        // ever released through here), so this write raises no userfault; nothing holds a
+        // reference into guest memory.
+        unsafe {
+            std::ptr::write_bytes(
+                self.inner.host_ptr().add(self.sticky as usize),
+                0,
+                PAGE_SIZE as usize,
+            )
+        };
+        Ok(())
+    }
+    fn residency(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), BackingError> {
+        self.inner.residency(offset, len, out)
+    }
+    fn fills_blocks(&self) -> bool {
+        self.inner.fills_blocks()
+    }
+    fn fill_blocks(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        self.inner.fill_blocks(offset, len)
+    }
+}
+
+#[test]
+fn a_page_the_host_keeps_keeps_its_leaf() {
+    let sticky = 7 * PAGE_SIZE;
+    let backing = StickyPage {
+        inner: MemfdBacking::with_huge("ebb-sticky", 4 * MIB, true).unwrap(),
+        sticky,
+    };
+    let layout = [RegionSpec {
+        gpa: 0,
+        len: 4 * MIB,
+        backing: BackingSpec::Custom(Arc::new(backing)),
+    }];
+    let mm = GuestMm::new(
+        &layout,
+        Strategy::Count,
+        ReleaseMode::PunchHole,
+        FaultConfig::default(),
+    )
+    .unwrap();
+    let all = gpa_range(0, 4 * MIB).unwrap();
+    write(&mm, sticky, 0x77);
+    write(&mm, sticky + PAGE_SIZE, 0x78);
+    settle(&mm);
+    assert_eq!(assert_exact(&mm, all), BLOCK_PAGES);
+    // The discard covers the sticky page and its neighbour; only the neighbour goes.
+    let d = mm
+        .discard(gpa_range(sticky, 2 * PAGE_SIZE).unwrap())
+        .unwrap();
+    assert_eq!(d.pages_kept, 1);
+    assert_eq!(mm.stats().pages_kept, 1);
+    assert!(mm.lookup(sticky).is_some(), "the kept page keeps a leaf");
+    assert!(mm.lookup(sticky + PAGE_SIZE).is_none());
+    assert_eq!(assert_exact(&mm, all), BLOCK_PAGES - 1);
+    assert_eq!(
+        read(&mm, sticky),
+        0,
+        "a kept page reads zero like any discarded page"
+    );
+    assert_eq!(
+        mm.tables().stats().table_bytes,
+        mm.tables().min_table_bytes()
+    );
 }

@@ -16,8 +16,9 @@ use std::sync::atomic::Ordering;
 
 use super::region::merge_runs;
 use super::{GuestMm, Inner, ManagerError};
-use crate::range::{BLOCK_SIZE, GpaRange};
+use crate::range::{BLOCK_SIZE, GpaRange, PAGE_SIZE};
 use crate::tables::LEVELS;
+use crate::tables::PageSize;
 
 /// What one discard (or reclaim) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,6 +35,10 @@ pub struct DiscardSummary {
     pub tables_freed: [u64; LEVELS],
     /// 2 MiB blocks released whole because their PT table was freed.
     pub blocks_released: u64,
+    /// Pages the host kept although they were released (a 2 MiB host page it could not split);
+    /// their leaves were recorded again, so the tables stay exact. See
+    /// [`MmStats::pages_kept`](super::MmStats::pages_kept).
+    pub pages_kept: u64,
 }
 
 impl GuestMm {
@@ -190,6 +195,9 @@ impl Inner {
                 }
             }
         }
+        if first_err.is_none() {
+            self.keep_stuck_pages(runs, sum);
+        }
         self.counters
             .release_calls
             .fetch_add(sum.release_calls, Ordering::Relaxed);
@@ -217,6 +225,89 @@ impl Inner {
             Some(e) => Err(ManagerError::Release(e)),
             None => Ok(()),
         }
+    }
+}
+
+impl Inner {
+    /// On backings with 2 MiB host pages, punching 4 KiB out of a huge page needs the kernel to
+    /// split it, which it may fail to do (an extra reference at that moment); it then zeroes the
+    /// range and keeps the page. So check the pieces of `runs` that cover their 2 MiB block only
+    /// in part: a page still resident is released once more, and if it stays, its leaf is
+    /// recorded again (the page is present, and reads zero as a discarded page should). The
+    /// blocks are still marked, so no fault races this.
+    fn keep_stuck_pages(&self, runs: &[(usize, u64, u64)], sum: &mut DiscardSummary) {
+        let mut res = Vec::new();
+        for &(ri, s, e) in runs {
+            let region = &self.regions[ri];
+            if !region.backing.fills_blocks() {
+                continue;
+            }
+            for (ps, pe) in partial_pieces(s, e) {
+                for attempt in 0..2 {
+                    if region.backing.residency(ps, pe - ps, &mut res).is_err() {
+                        self.counters.fault_errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    let stuck: Vec<u64> = res
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| *r & 1 == 1)
+                        .map(|(i, _)| ps + i as u64 * PAGE_SIZE)
+                        .collect();
+                    if stuck.is_empty() {
+                        break;
+                    }
+                    if attempt == 0 {
+                        for &off in &stuck {
+                            let _ = region.backing.release(off, PAGE_SIZE, self.release);
+                        }
+                        continue;
+                    }
+                    for &off in &stuck {
+                        if self
+                            .tables
+                            .populate(region.gpa + off, off, PageSize::Size4K)
+                            .is_err()
+                        {
+                            self.counters.table_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    sum.pages_kept += stuck.len() as u64;
+                    self.counters
+                        .pages_kept
+                        .fetch_add(stuck.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The parts of region offsets `s..e` that lie in 2 MiB blocks the range covers only in part
+/// (at most a head and a tail piece).
+fn partial_pieces(s: u64, e: u64) -> impl Iterator<Item = (u64, u64)> {
+    let head_end = s.next_multiple_of(BLOCK_SIZE).min(e);
+    let head = (!s.is_multiple_of(BLOCK_SIZE)).then_some((s, head_end));
+    let tail_start = (e - e % BLOCK_SIZE).max(head_end);
+    let tail = (!e.is_multiple_of(BLOCK_SIZE) && tail_start < e).then_some((tail_start, e));
+    head.into_iter().chain(tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_pieces_are_the_unaligned_ends() {
+        const B: u64 = BLOCK_SIZE;
+        const P: u64 = PAGE_SIZE;
+        let v = |s, e| partial_pieces(s, e).collect::<Vec<_>>();
+        assert_eq!(v(0, B), vec![]);
+        assert_eq!(v(0, 3 * B), vec![]);
+        assert_eq!(v(P, 2 * P), vec![(P, 2 * P)]);
+        assert_eq!(v(B - P, B + P), vec![(B - P, B), (B, B + P)]);
+        assert_eq!(v(P, 3 * B), vec![(P, B)]);
+        assert_eq!(v(B, 2 * B + P), vec![(2 * B, 2 * B + P)]);
+        assert_eq!(v(P, 3 * B + P), vec![(P, B), (3 * B, 3 * B + P)]);
     }
 }
 

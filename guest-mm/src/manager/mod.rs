@@ -206,6 +206,7 @@ pub(crate) struct Counters {
     pub release_bytes: AtomicU64,
     pub discards: AtomicU64,
     pub lazy_marked: AtomicU64,
+    pub pages_kept: AtomicU64,
 }
 
 /// A snapshot of everything the manager counts.
@@ -245,6 +246,9 @@ pub struct MmStats {
     pub discards: u64,
     /// Leaves marked lazy (MADV_FREE mode).
     pub lazy_marked: u64,
+    /// Released pages the host kept (it could not split a 2 MiB page to free 4 KiB of it); they
+    /// keep their leaves and stay in guest RAM, reading zero.
+    pub pages_kept: u64,
     /// The handler threads' own counters.
     pub handlers: HandlerCounts,
 }
@@ -489,6 +493,7 @@ impl GuestMm {
             release_bytes: l(&c.release_bytes),
             discards: l(&c.discards),
             lazy_marked: l(&c.lazy_marked),
+            pages_kept: l(&c.pages_kept),
             handlers: self
                 .inner
                 .control
