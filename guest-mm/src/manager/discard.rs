@@ -292,6 +292,12 @@ fn partial_pieces(s: u64, e: u64) -> impl Iterator<Item = (u64, u64)> {
     head.into_iter().chain(tail)
 }
 
+fn add(acc: &mut [u64; LEVELS], v: &[u64; LEVELS]) {
+    for (a, b) in acc.iter_mut().zip(v) {
+        *a += b;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,11 +314,5 @@ mod tests {
         assert_eq!(v(P, 3 * B), vec![(P, B)]);
         assert_eq!(v(B, 2 * B + P), vec![(2 * B, 2 * B + P)]);
         assert_eq!(v(P, 3 * B + P), vec![(P, B), (3 * B, 3 * B + P)]);
-    }
-}
-
-fn add(acc: &mut [u64; LEVELS], v: &[u64; LEVELS]) {
-    for (a, b) in acc.iter_mut().zip(v) {
-        *a += b;
     }
 }
