@@ -245,11 +245,15 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let all_valid = self
+        // Every queue the driver made ready must be valid in guest memory. A queue it left
+        // alone is passed on not ready: which queues a device needs can depend on the features
+        // negotiated (a balloon driver that declines free page reporting never sets up that
+        // queue), so the device decides.
+        let ready_valid = self
             .queues
             .iter()
-            .all(|q| q.ready() && q.is_valid(&self.mem));
-        if !all_valid {
+            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        if !ready_valid {
             self.stats.failed_activations += 1;
             self.needs_reset();
             return;

@@ -11,6 +11,7 @@ struct Record {
     activated: usize,
     notified: Vec<usize>,
     resets: usize,
+    refused_not_ready: usize,
     config: [u8; 8],
 }
 
@@ -58,6 +59,15 @@ impl VirtioDevice for Mock {
             return Err(ActivateError::Device("mock refuses".into()));
         }
         assert_eq!(ctx.queues.len(), 2);
+        // This device needs both its queues; the transport passes on any it was not given.
+        let ready = ctx.queues.iter().filter(|q| q.ready()).count();
+        if ready != 2 {
+            self.rec.lock().unwrap().refused_not_ready += 1;
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: ready,
+            });
+        }
         ctx.interrupt.trigger(InterruptKind::Queue).unwrap();
         self.rec.lock().unwrap().activated += 1;
         Ok(())
@@ -220,6 +230,19 @@ fn driver_ok_without_valid_queues_needs_reset() {
     assert!(!t.is_active());
     assert_ne!(r32(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
     assert_eq!(rec.lock().unwrap().activated, 0);
+    assert_eq!(t.stats().failed_activations, 1);
+}
+
+#[test]
+fn a_queue_left_alone_is_the_devices_call() {
+    let (mut t, rec, _) = transport(false);
+    negotiate(&mut t);
+    set_up_queue(&mut t, 0, 0x10000);
+    // Queue 1 is never set up: the transport passes it on not ready and the mock refuses.
+    w32(&mut t, 0x70, ALL_OK);
+    assert!(!t.is_active());
+    assert_ne!(r32(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_eq!(rec.lock().unwrap().refused_not_ready, 1);
     assert_eq!(t.stats().failed_activations, 1);
 }
 
