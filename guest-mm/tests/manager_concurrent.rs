@@ -166,5 +166,6 @@ fn leaves_match_host_pages_under_concurrency() {
     };
     round(Strategy::Count, ReleaseMode::PunchHole, huge(), 1, 22);
     round(Strategy::Scan, ReleaseMode::Remove, huge(), 16, 23);
+    round(Strategy::Count, ReleaseMode::PunchHole, huge(), 2048, 24);
     assert!(t0.elapsed() < Duration::from_secs(200));
 }

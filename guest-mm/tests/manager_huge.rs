@@ -241,3 +241,48 @@ fn a_page_the_host_keeps_keeps_its_leaf() {
         mm.tables().min_table_bytes()
     );
 }
+
+#[test]
+fn a_block_window_fills_only_when_every_block_is_empty() {
+    let layout = [RegionSpec {
+        gpa: 0,
+        len: LEN,
+        backing: BackingSpec::Memfd {
+            name: "ebb-huge-window".into(),
+            huge: true,
+        },
+    }];
+    let faults = FaultConfig {
+        fault_around_pages: 4 * 512,
+        ..FaultConfig::default()
+    };
+    let mm = GuestMm::new(&layout, Strategy::Count, ReleaseMode::PunchHole, faults).unwrap();
+    let all = gpa_range(0, LEN).unwrap();
+    // One touch in block 2 fills the aligned 8 MiB window: blocks 0-3, one fault.
+    write(&mm, 2 * BLOCK_SIZE + PAGE_SIZE, 1);
+    settle(&mm);
+    let st = mm.stats();
+    assert_eq!(
+        (st.block_fills, st.tables.leaves_2m, st.faults_resolved),
+        (4, 4, 1)
+    );
+    assert_eq!(assert_exact(&mm, all), 4 * BLOCK_PAGES);
+    // Empty block 1 again: the window is no longer empty, so a touch fills block 1 alone.
+    mm.discard(gpa_range(BLOCK_SIZE, BLOCK_SIZE).unwrap())
+        .unwrap();
+    write(&mm, BLOCK_SIZE, 2);
+    settle(&mm);
+    let st = mm.stats();
+    assert_eq!((st.block_fills, st.tables.leaves_2m), (5, 4));
+    // The 64 KiB tail takes no block and no 4 KiB window (a window never leaves its block,
+    // and the tail's block is not whole): one page.
+    write(&mm, 8 * MIB, 3);
+    settle(&mm);
+    assert_eq!(mm.stats().tables.leaves_4k, 1);
+    assert_eq!(assert_exact(&mm, all), 4 * BLOCK_PAGES + 1);
+    assert_eq!(read(&mm, 2 * BLOCK_SIZE + PAGE_SIZE), 1);
+    assert_eq!(
+        mm.tables().stats().table_bytes,
+        mm.tables().min_table_bytes()
+    );
+}

@@ -10,7 +10,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::region::Region;
 use super::{FillMode, Inner};
+use crate::backing::ReleaseMode;
 use crate::range::{BLOCK_SIZE, GpaRange, PAGE_SIZE};
 use crate::sys::{UFFD_PAGEFAULT_FLAG_WRITE, UffdIoError, Userfaultfd};
 use crate::tables::PageSize;
@@ -47,6 +49,48 @@ impl Inner {
         }
     }
 
+    /// Fills the whole blocks `off..off + len` of `region` through its block-fill mapping,
+    /// records a 2 MiB leaf for each and wakes the range. The caller holds the blocks' locks
+    /// and checked they are empty. On failure nothing stays present (what the fill managed is
+    /// punched out again) and false is returned.
+    fn fill_blocks(&self, uffd: &Userfaultfd, region: &Region, off: u64, len: u64) -> bool {
+        let c = &self.counters;
+        if let Err(e) = region.backing.fill_blocks(off, len) {
+            if first_of_many(&c.fault_errors) {
+                log::warn!("block fill at {:#x} failed: {e}", region.host + off);
+            }
+            // Punching the file sends no userfaultfd event, so a handler may do it.
+            if let Err(e) = region.backing.release(off, len, ReleaseMode::PunchHole)
+                && first_of_many(&c.fault_errors)
+            {
+                log::warn!(
+                    "undoing a failed block fill at {:#x}: {e}",
+                    region.host + off
+                );
+            }
+            return false;
+        }
+        for b in (off..off + len).step_by(BLOCK_SIZE as usize) {
+            if self
+                .tables
+                .populate(region.gpa + b, b, PageSize::Size2M)
+                .is_err()
+            {
+                c.table_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // The pages are in the file now; the retried accesses map them.
+        let host = region.host + off;
+        if let Err(e) = uffd.wake(host, len)
+            && first_of_many(&c.fault_errors)
+        {
+            log::warn!("waking {host:#x} failed: {e}");
+        }
+        c.block_fills.fetch_add(len / BLOCK_SIZE, Ordering::Relaxed);
+        c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Records leaves for `pages` pages from region offset `off`.
     fn record(&self, region_gpa: u64, off: u64, pages: u64) {
         for i in 0..pages {
@@ -72,45 +116,51 @@ impl FaultResolver for Inner {
         let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
         let off = (addr - region.host) & !(PAGE_SIZE - 1);
         let page_addr = region.host + off;
-        let block = region.block(off);
-        if *block > 0 {
+        // Blocks filled per fault on a block-fill backing: the fault-around window rounded up
+        // to whole blocks (1 = just the faulting block). All of the window's block locks are
+        // taken, in address order, so no discard can work on any of them meanwhile.
+        let fills_blocks = region.backing.fills_blocks();
+        let window = if fills_blocks {
+            u64::from(self.fault_around).div_ceil(BLOCK_SIZE / PAGE_SIZE) * BLOCK_SIZE
+        } else {
+            BLOCK_SIZE
+        };
+        let mut wstart = off & !(window - 1);
+        if wstart + window > region.len {
+            wstart = off & !(BLOCK_SIZE - 1);
+        }
+        let wlen = if wstart + window <= region.len {
+            window
+        } else {
+            BLOCK_SIZE
+        };
+        let guards: Vec<_> = (0..wlen.div_ceil(BLOCK_SIZE))
+            .map(|i| region.block(wstart + i * BLOCK_SIZE))
+            .collect();
+        if *guards[((off - wstart) / BLOCK_SIZE) as usize] > 0 {
             c.deferred_discarding.fetch_add(1, Ordering::Relaxed);
             return FaultOutcome::Deferred;
         }
 
-        // A backing with a block-fill mapping fills an empty block whole: one 2 MiB leaf.
-        if region.backing.fills_blocks() {
+        // A backing with a block-fill mapping fills empty blocks whole: 2 MiB leaves. First the
+        // whole window if every block of it is empty and quiet, else the faulting block.
+        if fills_blocks && wlen > BLOCK_SIZE {
+            let all_empty = guards.iter().all(|g| **g == 0)
+                && (0..wlen / BLOCK_SIZE).all(|i| {
+                    self.tables
+                        .block_is_empty(region.gpa + wstart + i * BLOCK_SIZE)
+                });
+            if all_empty && self.fill_blocks(uffd, region, wstart, wlen) {
+                return FaultOutcome::Resolved;
+            }
+        }
+        if fills_blocks {
             let block_off = off & !(BLOCK_SIZE - 1);
             if block_off + BLOCK_SIZE <= region.len
                 && self.tables.block_is_empty(region.gpa + block_off)
+                && self.fill_blocks(uffd, region, block_off, BLOCK_SIZE)
             {
-                match region.backing.fill_blocks(block_off, BLOCK_SIZE) {
-                    Ok(()) => {
-                        if self
-                            .tables
-                            .populate(region.gpa + block_off, block_off, PageSize::Size2M)
-                            .is_err()
-                        {
-                            c.table_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // The pages are in the file now; the retried access maps them.
-                        let host = region.host + block_off;
-                        if let Err(e) = uffd.wake(host, BLOCK_SIZE)
-                            && first_of_many(&c.fault_errors)
-                        {
-                            log::warn!("waking {host:#x} failed: {e}");
-                        }
-                        c.block_fills.fetch_add(1, Ordering::Relaxed);
-                        c.faults_resolved.fetch_add(1, Ordering::Relaxed);
-                        return FaultOutcome::Resolved;
-                    }
-                    Err(e) => {
-                        if first_of_many(&c.fault_errors) {
-                            log::warn!("block fill at {:#x} failed: {e}", region.host + block_off);
-                        }
-                        // Fall back to 4 KiB fills below.
-                    }
-                }
+                return FaultOutcome::Resolved;
             }
         }
 
@@ -131,8 +181,10 @@ impl FaultResolver for Inner {
             return FaultOutcome::Resolved;
         }
 
-        let fa_bytes = u64::from(self.fault_around) * PAGE_SIZE;
-        if self.fault_around > 1 {
+        // 4 KiB fault-around stays inside the faulting block (the block lock covers no more).
+        let fa_pages = self.fault_around.min((BLOCK_SIZE / PAGE_SIZE) as u32);
+        let fa_bytes = u64::from(fa_pages) * PAGE_SIZE;
+        if fa_pages > 1 {
             let win = off & !(fa_bytes - 1);
             let empty = win + fa_bytes <= region.len
                 && (0..u64::from(self.fault_around)).all(|i| {
@@ -143,9 +195,9 @@ impl FaultResolver for Inner {
             if empty {
                 match self.fill(uffd, write, region.host + win, fa_bytes) {
                     Ok(_) => {
-                        self.record(region.gpa, win, u64::from(self.fault_around));
+                        self.record(region.gpa, win, u64::from(fa_pages));
                         c.fault_around_pages
-                            .fetch_add(u64::from(self.fault_around), Ordering::Relaxed);
+                            .fetch_add(u64::from(fa_pages), Ordering::Relaxed);
                         c.faults_resolved.fetch_add(1, Ordering::Relaxed);
                         return FaultOutcome::Resolved;
                     }

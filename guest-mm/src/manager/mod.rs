@@ -33,7 +33,7 @@ pub use discard::DiscardSummary;
 use region::Region;
 
 /// Largest fault-around window, in 4 KiB pages.
-pub const MAX_FAULT_AROUND_PAGES: u32 = 512;
+pub const MAX_FAULT_AROUND_PAGES: u32 = 4096;
 
 /// The host memory behind a region.
 #[derive(Debug, Clone)]
@@ -91,7 +91,9 @@ pub struct FaultConfig {
     /// leaves, and discards release exactly what they are asked to).
     pub handler_threads: usize,
     /// Pages filled per fault when none of the aligned window around it is populated
-    /// (1 = off; a power of two up to [`MAX_FAULT_AROUND_PAGES`]).
+    /// (1 = off; a power of two up to [`MAX_FAULT_AROUND_PAGES`]). 4 KiB fills stay inside
+    /// the faulting 2 MiB block (at most 512 pages); on a block-fill backing, a window of more
+    /// than 512 pages fills that many whole empty blocks at once.
     pub fault_around_pages: u32,
     /// Which ioctl fills a fault.
     pub fill: FillMode,
@@ -351,7 +353,7 @@ impl GuestMm {
         let fa = faults.fault_around_pages;
         if fa == 0 || !fa.is_power_of_two() || fa > MAX_FAULT_AROUND_PAGES {
             return Err(ManagerError::FaultConfig(
-                "fault_around_pages must be a power of two from 1 to 512",
+                "fault_around_pages must be a power of two from 1 to 4096",
             ));
         }
         let mut regions = Vec::with_capacity(layout.len());
@@ -367,8 +369,8 @@ impl GuestMm {
             regions.push(Region::new(spec.gpa, backing));
         }
         regions.sort_by_key(|r| r.host);
-        let zeros =
-            Mapping::anonymous(u64::from(fa) * PAGE_SIZE, PAGE_SIZE).map_err(ManagerError::Uffd)?;
+        let zeros = Mapping::anonymous(u64::from(fa.min(512)) * PAGE_SIZE, PAGE_SIZE)
+            .map_err(ManagerError::Uffd)?;
 
         let (uffd, control) = if faults.handler_threads > 0 {
             let shmem = regions
