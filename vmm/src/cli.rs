@@ -41,10 +41,13 @@ pub struct Cli {
     /// reports inconsistent XSAVE sizes that crash Linux 6.18).
     #[arg(long = "full-xsave")]
     pub full_xsave: bool,
-    /// Pages guest-mm fills per fault (1 = only the faulting page).
+    /// Pages guest-mm fills per fault when none of their aligned window is filled (1 = only
+    /// the faulting page; tracked RAM with 2 MiB pages always fills at least the faulting
+    /// 2 MiB block, and a window above 512 pages fills that many whole blocks).
     #[arg(long = "fault-around")]
     pub fault_around: Option<u32>,
-    /// Mark untracked guest RAM MADV_NOHUGEPAGE (tracked RAM always uses 4 KiB pages).
+    /// Back guest RAM with 4 KiB host pages only (untracked: MADV_NOHUGEPAGE; tracked:
+    /// anonymous memory filled page by page instead of a memfd filled 2 MiB at a time).
     #[arg(long = "no-thp")]
     pub no_thp: bool,
     /// Boot an ELF vmlinux through its Xen PVH entry.

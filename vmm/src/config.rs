@@ -39,8 +39,8 @@ pub enum ConfigError {
     /// The memory size is out of range.
     #[error("memory-mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
     BadMemory(u64),
-    /// Fault-around is not a power of two up to 512.
-    #[error("fault-around must be a power of two from 1 to 512 pages, got {0}")]
+    /// Fault-around is not a power of two up to 4096.
+    #[error("fault-around must be a power of two from 1 to 4096 pages, got {0}")]
     BadFaultAround(u32),
     /// The command line has a NUL byte or is too long.
     #[error("kernel command line is invalid: {0}")]
@@ -96,7 +96,7 @@ pub struct ConfigFile {
     pub fault_threads: Option<u64>,
     /// Offer the host's full XSAVE state (AVX and up) instead of hiding XSAVE.
     pub full_xsave: Option<bool>,
-    /// Pages guest-mm fills per fault (1 = exact, a power of two up to 512).
+    /// Pages guest-mm fills per fault (1 = exact, a power of two up to 4096).
     pub fault_around: Option<u32>,
     /// Let untracked guest RAM use transparent huge pages (default true; tracked RAM is
     /// always 4 KiB pages).
@@ -272,7 +272,7 @@ impl VmConfig {
             return Err(ConfigError::BadCmdline("it is longer than 64 KiB"));
         }
         let fault_around = file.fault_around.unwrap_or(1);
-        if !fault_around.is_power_of_two() || fault_around > 512 {
+        if !fault_around.is_power_of_two() || fault_around > 4096 {
             return Err(ConfigError::BadFaultAround(fault_around));
         }
         let fault_threads = file.fault_threads.unwrap_or(2).clamp(1, 64) as usize;
