@@ -95,6 +95,8 @@ pub fn integrity(argv: &[String]) -> Result<i32, ToolError> {
             }
         }
         if hold > 0 {
+            // Tells a host-side driver (e.g. a balloon test) that the pages are written.
+            println!("EBB-INTEGRITY-HOLDING pass={pass} secs={hold}");
             std::thread::sleep(Duration::from_secs(hold));
         }
         if a.flag("wait-signal") {
