@@ -8,10 +8,13 @@
 D=${EBB_RIG_INPUTS:-.}
 E="$D/ebb"; CTL="$D/ebb-ctl"; S=/tmp/ebb-demo.sock; OUT=/tmp/ebb-demo.out
 HOLD=${DEMO_HOLD_SECS:-60}; INFLATE=${DEMO_INFLATE_MIB:-256}
+# Free page reporting is off by default here, so that the inflation's effect stands alone
+# (DEMO_REPORTING=1 turns it on; tests/harness/tests/ebb_balloon.rs covers it).
+REPORTING=; [ "${DEMO_REPORTING:-0}" = 1 ] && REPORTING=--balloon-reporting
 G="ebb-guest integrity --mib 128 --hold-secs $HOLD && ebb-guest touch --mib 64"
 rm -f "$S"
 "$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
-    ${EBB_DEMO_FLAGS:---hlt-in-guest} --api-sock "$S" --balloon --balloon-reporting \
+    ${EBB_DEMO_FLAGS:---hlt-in-guest} --api-sock "$S" --balloon $REPORTING \
     --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $G" </dev/null >"$OUT" 2>&1 &
 pid=$!
 num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }
