@@ -396,6 +396,83 @@ pub fn poll_readable<const N: usize>(
     Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
 }
 
+/// An epoll set owned by one thread, reporting which of its descriptors are readable.
+/// Descriptors added as exclusive (`EPOLLEXCLUSIVE`) wake one of the threads waiting on them
+/// per event instead of all: the fault handler threads share one userfaultfd, and waking every
+/// handler for each fault costs a context switch per idle handler.
+#[derive(Debug)]
+pub struct Waiter {
+    epfd: OwnedFd,
+    fds: usize,
+}
+
+impl Waiter {
+    /// A set over `fds` (descriptor, exclusive); event `i` is `fds[i]` being readable.
+    pub fn new(fds: &[(RawFd, bool)]) -> Result<Self, SysError> {
+        // SAFETY: epoll_create1 takes no pointers; the result is checked below.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(last("epoll_create1"));
+        }
+        // SAFETY: `raw` is a fresh descriptor this function owns from here on.
+        let epfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        for (i, &(fd, exclusive)) in fds.iter().enumerate() {
+            let mut events = libc::EPOLLIN as u32;
+            if exclusive {
+                events |= libc::EPOLLEXCLUSIVE as u32;
+            }
+            let mut ev = libc::epoll_event {
+                events,
+                u64: i as u64,
+            };
+            // SAFETY: `ev` is a live epoll_event; `fd` is the caller's open descriptor.
+            let rc = unsafe { libc::epoll_ctl(raw, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            if rc < 0 {
+                return Err(last("epoll_ctl"));
+            }
+        }
+        Ok(Waiter {
+            epfd,
+            fds: fds.len(),
+        })
+    }
+
+    /// Waits at most `timeout_ms` (-1: forever) for readable descriptors; one flag per
+    /// descriptor given to `new` (N must be that count). An interrupted wait returns all false.
+    pub fn wait<const N: usize>(&self, timeout_ms: i32) -> Result<[bool; N], SysError> {
+        let mut out = [false; N];
+        if N != self.fds {
+            return Err(SysError::BadLength(N as u64));
+        }
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: `evs` is a live array of 8 epoll_event structs.
+        let rc = unsafe {
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                evs.as_mut_ptr(),
+                evs.len() as i32,
+                timeout_ms,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(out);
+            }
+            return Err(SysError::Call {
+                call: "epoll_wait",
+                source: err,
+            });
+        }
+        for ev in &evs[..rc as usize] {
+            if let Some(flag) = out.get_mut(ev.u64 as usize) {
+                *flag = true;
+            }
+        }
+        Ok(out)
+    }
+}
+
 mod uffd;
 pub use uffd::{
     UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_MISSING_SHMEM,
@@ -466,5 +543,19 @@ mod tests {
         assert_eq!(poll_readable([e.raw()], 0).unwrap(), [true]);
         assert!(e.drain());
         assert!(!e.drain());
+    }
+
+    #[test]
+    fn waiter_reports_readable_descriptors_by_index() {
+        let (a, b) = (EventFd::new().unwrap(), EventFd::new().unwrap());
+        let w = Waiter::new(&[(a.raw(), true), (b.raw(), false)]).unwrap();
+        assert_eq!(w.wait::<2>(0).unwrap(), [false, false]);
+        b.signal().unwrap();
+        assert_eq!(w.wait::<2>(0).unwrap(), [false, true]);
+        a.signal().unwrap();
+        assert_eq!(w.wait::<2>(-1).unwrap(), [true, true]);
+        assert!(a.drain() && b.drain());
+        assert_eq!(w.wait::<2>(0).unwrap(), [false, false]);
+        assert!(w.wait::<3>(0).is_err(), "the flag count must match the set");
     }
 }

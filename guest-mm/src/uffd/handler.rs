@@ -3,7 +3,9 @@
 use std::sync::atomic::Ordering;
 
 use super::{FaultOutcome, FaultResolver, HandlerControl};
-use crate::sys::{UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UffdMsg, Userfaultfd, poll_readable};
+use crate::sys::{
+    UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UffdMsg, Userfaultfd, Waiter, poll_readable,
+};
 
 /// Messages read per `read` call.
 const BATCH: usize = 64;
@@ -24,13 +26,27 @@ pub(super) fn run<R: FaultResolver + ?Sized>(
     // Reused across iterations so that retrying allocates nothing in the steady state.
     let mut retry_now: Vec<UffdMsg> = Vec::with_capacity(256);
     let mut again: Vec<UffdMsg> = Vec::with_capacity(256);
+    // One epoll set per handler with the userfaultfd exclusive, so a fault wakes one handler;
+    // plain poll (which wakes them all) if epoll cannot be set up.
+    let fds = [uffd.raw(), ctl.stop.raw(), ctl.kick.raw()];
+    let waiter = match Waiter::new(&[(fds[0], true), (fds[1], false), (fds[2], false)]) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("fault handler {index}: epoll unavailable ({e}), using poll");
+            None
+        }
+    };
     loop {
         let timeout = if ctl.retry_len() > 0 {
             RETRY_POLL_MS
         } else {
             -1
         };
-        let ready = match poll_readable([uffd.raw(), ctl.stop.raw(), ctl.kick.raw()], timeout) {
+        let ready = match waiter.as_ref() {
+            Some(w) => w.wait::<3>(timeout),
+            None => poll_readable(fds, timeout),
+        };
+        let ready = match ready {
             Ok(r) => r,
             Err(e) => {
                 stats.io_errors.fetch_add(1, Ordering::Relaxed);
