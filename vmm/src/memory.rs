@@ -444,10 +444,12 @@ mod tests {
         let file = crate::config::ConfigFile {
             kernel: Some(std::env::current_exe().unwrap()),
             memory_mib: Some(mib),
+            thp: Some(thp),
+            // One block (or page) per fault, so the tests can count.
+            fault_around: Some(1),
             ..Default::default()
         };
-        let mut config = crate::config::VmConfig::validate(file).unwrap();
-        config.thp = thp;
+        let config = crate::config::VmConfig::validate(file).unwrap();
         VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)")
     }
 

@@ -88,10 +88,25 @@ fn ebb_boots_debian_runs_integrity_and_touch_and_reports() {
         report.table_bytes, report.min_table_bytes,
         "table bytes are minimal"
     );
-    // A 2 MiB leaf comes from one fault, a 4 KiB leaf from one of its own.
+    // Every leaf came from a fault: one fault fills at most ebb's default window of 8 blocks
+    // (2 MiB leaves) or one block's 512 pages (4 KiB leaves).
     assert!(
-        report.faults >= report.leaves(),
+        report.faults > 0
+            && report.leaves_2m <= 8 * report.faults
+            && report.leaves_4k <= 512 * report.faults,
         "every leaf came from a fault: {report:?}"
+    );
+    // The rig's L1 gives shmem 2 MiB pages, so the host maps guest RAM with PMDs.
+    let huge = text
+        .lines()
+        .find_map(|l| l.strip_prefix("host 2 MiB mappings:"))
+        .and_then(|r| r.split('(').nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no host 2 MiB mappings line:\n{text}"));
+    assert!(
+        huge >= 128,
+        "at least the 256 MiB the guest touched is PMD-mapped, got {huge} x 2 MiB"
     );
     assert!(report.covers, "the report says the leaves cover:\n{text}");
 }
