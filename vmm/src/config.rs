@@ -279,9 +279,9 @@ impl VmConfig {
         // round trip costs milliseconds under nested virtualisation, and the window keeps the
         // guest's first touches within about 10% of untracked RAM (docs/ARCHITECTURE.md,
         // "Measurements"). With 4 KiB pages the default stays exact: the faulting page only.
-        let fault_around = file
-            .fault_around
-            .unwrap_or(if thp { DEFAULT_HUGE_FAULT_AROUND } else { 1 });
+        let fault_around =
+            file.fault_around
+                .unwrap_or(if thp { DEFAULT_HUGE_FAULT_AROUND } else { 1 });
         if !fault_around.is_power_of_two() || fault_around > 4096 {
             return Err(ConfigError::BadFaultAround(fault_around));
         }
