@@ -286,3 +286,71 @@ fn a_block_window_fills_only_when_every_block_is_empty() {
         mm.tables().min_table_bytes()
     );
 }
+
+#[test]
+fn held_pages_are_never_filled_unasked() {
+    let layout = [RegionSpec {
+        gpa: 0,
+        len: 32 * MIB,
+        backing: BackingSpec::Memfd {
+            name: "ebb-huge-held".into(),
+            huge: true,
+        },
+    }];
+    let faults = FaultConfig {
+        fault_around_pages: 4 * 512,
+        ..FaultConfig::default()
+    };
+    let mm = GuestMm::new(&layout, Strategy::Count, ReleaseMode::PunchHole, faults).unwrap();
+    let all = gpa_range(0, 32 * MIB).unwrap();
+    write(&mm, 0, 1);
+    settle(&mm);
+    assert_eq!(assert_exact(&mm, all), 4 * BLOCK_PAGES, "blocks 0-3 filled");
+    // A balloon inflates all of block 1: held first, then discarded (its tables go).
+    let block1 = gpa_range(BLOCK_SIZE, BLOCK_SIZE).unwrap();
+    mm.hold(&[block1], true).unwrap();
+    mm.discard(block1).unwrap();
+    assert!(mm.tables().block_is_empty(BLOCK_SIZE));
+    assert_eq!(mm.held_pages(), BLOCK_PAGES);
+    // It deflates 16 pages and the guest touches one: one page comes back, not the block.
+    let sixteen = gpa_range(BLOCK_SIZE, 16 * PAGE_SIZE).unwrap();
+    mm.hold(&[sixteen], false).unwrap();
+    write(&mm, BLOCK_SIZE + 3 * PAGE_SIZE, 2);
+    settle(&mm);
+    let st = mm.stats();
+    assert_eq!((st.tables.leaves_2m, st.tables.leaves_4k), (3, 1));
+    assert_eq!(assert_exact(&mm, all), 3 * BLOCK_PAGES + 1);
+    // Blocks 4-7: block 5 holds pages, so a touch in block 4 fills block 4 alone.
+    let in5 = gpa_range(5 * BLOCK_SIZE + PAGE_SIZE, PAGE_SIZE).unwrap();
+    mm.hold(&[in5], true).unwrap();
+    write(&mm, 4 * BLOCK_SIZE, 3);
+    settle(&mm);
+    assert_eq!(assert_exact(&mm, all), 4 * BLOCK_PAGES + 1);
+    // A touch in block 5 (holding a page) fills one page.
+    write(&mm, 5 * BLOCK_SIZE + 9 * PAGE_SIZE, 4);
+    settle(&mm);
+    assert_eq!(assert_exact(&mm, all), 4 * BLOCK_PAGES + 2);
+    // Everything taken back: blocks 8-11 fill as a window again.
+    mm.hold(
+        &[
+            in5,
+            gpa_range(BLOCK_SIZE + 16 * PAGE_SIZE, BLOCK_SIZE - 16 * PAGE_SIZE).unwrap(),
+        ],
+        false,
+    )
+    .unwrap();
+    assert_eq!(mm.held_pages(), 0);
+    write(&mm, 8 * BLOCK_SIZE, 5);
+    settle(&mm);
+    assert_eq!(assert_exact(&mm, all), 8 * BLOCK_PAGES + 2);
+    // A bad range changes nothing.
+    assert!(
+        mm.hold(&[in5, gpa_range(32 * MIB, PAGE_SIZE).unwrap()], true)
+            .is_err()
+    );
+    assert_eq!(mm.held_pages(), 0);
+    assert_eq!(
+        mm.tables().stats().table_bytes,
+        mm.tables().min_table_bytes()
+    );
+}

@@ -55,6 +55,29 @@ impl GuestMm {
         self.inner.release_ranges(ranges, Op::Discard)
     }
 
+    /// Marks the pages of `ranges` as given back by the guest and not to be filled unasked
+    /// (`held = true`: a balloon's inflated pages), or as taken back (`false`: deflated). While
+    /// a 2 MiB block holds such pages, a fault in it fills only the faulting page: a block fill
+    /// or fault-around window would make the host back pages the guest gave away. Call it with
+    /// `true` before discarding the pages, so that no fill races in between. All ranges are
+    /// checked first; a refused request changes nothing. Counts are per page and saturate, so
+    /// the caller must not hold a page twice (the balloon's frame bitmap sees to that).
+    pub fn hold(&self, ranges: &[GpaRange], held: bool) -> Result<(), ManagerError> {
+        let regions = ranges
+            .iter()
+            .map(|r| self.inner.region_index(r))
+            .collect::<Result<Vec<usize>, _>>()?;
+        for (r, &i) in ranges.iter().zip(&regions) {
+            self.inner.regions[i].hold(r, held);
+        }
+        Ok(())
+    }
+
+    /// Pages currently held (see [`hold`](Self::hold)), summed over every block.
+    pub fn held_pages(&self) -> u64 {
+        self.inner.regions.iter().map(|r| r.held_pages()).sum()
+    }
+
     /// The explicit sweep: frees tables in `range` left empty by other paths (e.g. with
     /// `Strategy::Off`, or after foreign remove events) and releases each freed PT table's
     /// 2 MiB block whole, so the host frees its PTE page too.

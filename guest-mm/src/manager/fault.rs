@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::region::Region;
+use super::region::{BlockState, Region};
 use super::{FillMode, Inner};
 use crate::backing::ReleaseMode;
 use crate::range::{BLOCK_SIZE, GpaRange, PAGE_SIZE};
@@ -137,15 +137,18 @@ impl FaultResolver for Inner {
         let guards: Vec<_> = (0..wlen.div_ceil(BLOCK_SIZE))
             .map(|i| region.block(wstart + i * BLOCK_SIZE))
             .collect();
-        if *guards[((off - wstart) / BLOCK_SIZE) as usize] > 0 {
+        let own = *guards[((off - wstart) / BLOCK_SIZE) as usize];
+        if own.discarding > 0 {
             c.deferred_discarding.fetch_add(1, Ordering::Relaxed);
             return FaultOutcome::Deferred;
         }
+        // A block holding pages the guest gave back is filled page by page.
+        let exact = own.held > 0;
 
         // A backing with a block-fill mapping fills empty blocks whole: 2 MiB leaves. First the
         // whole window if every block of it is empty and quiet, else the faulting block.
         if fills_blocks && wlen > BLOCK_SIZE {
-            let all_empty = guards.iter().all(|g| **g == 0)
+            let all_empty = guards.iter().all(|g| **g == BlockState::default())
                 && (0..wlen / BLOCK_SIZE).all(|i| {
                     self.tables
                         .block_is_empty(region.gpa + wstart + i * BLOCK_SIZE)
@@ -154,7 +157,7 @@ impl FaultResolver for Inner {
                 return FaultOutcome::Resolved;
             }
         }
-        if fills_blocks {
+        if fills_blocks && !exact {
             let block_off = off & !(BLOCK_SIZE - 1);
             if block_off + BLOCK_SIZE <= region.len
                 && self.tables.block_is_empty(region.gpa + block_off)
@@ -182,7 +185,11 @@ impl FaultResolver for Inner {
         }
 
         // 4 KiB fault-around stays inside the faulting block (the block lock covers no more).
-        let fa_pages = self.fault_around.min((BLOCK_SIZE / PAGE_SIZE) as u32);
+        let fa_pages = if exact {
+            1
+        } else {
+            self.fault_around.min((BLOCK_SIZE / PAGE_SIZE) as u32)
+        };
         let fa_bytes = u64::from(fa_pages) * PAGE_SIZE;
         if fa_pages > 1 {
             let win = off & !(fa_bytes - 1);

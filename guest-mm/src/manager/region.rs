@@ -16,11 +16,21 @@ pub(crate) struct Region {
     /// Host address of the backing's first byte.
     pub host: u64,
     pub backing: Arc<dyn HostBacking>,
-    /// One entry per 2 MiB block: the number of discards currently working on the block.
-    /// Non-zero means "discarding": faults in the block are deferred. The lock is held only
-    /// briefly: by a discard to change the count, by a fault handler across the fill ioctl and
-    /// the leaf record (never across anything that waits for an event).
-    blocks: Box<[Mutex<u32>]>,
+    /// One entry per 2 MiB block. The lock is held only briefly: by a discard to change the
+    /// count, by [`GuestMm::hold`](super::GuestMm::hold), by a fault handler across the fill
+    /// and the leaf record (never across anything that waits for an event).
+    blocks: Box<[Mutex<BlockState>]>,
+}
+
+/// The state of one 2 MiB block of a region.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockState {
+    /// Discards working on the block now; non-zero means faults in it are deferred.
+    pub discarding: u32,
+    /// Pages of the block the guest gave back and has not taken back yet (balloon): while
+    /// non-zero, faults in the block fill only the faulting page, never the block or a window,
+    /// which would hand those pages back to the host's memory behind the guest's back.
+    pub held: u32,
 }
 
 impl Region {
@@ -32,7 +42,9 @@ impl Region {
             len,
             host: backing.host_ptr() as u64,
             backing,
-            blocks: (0..nblocks).map(|_| Mutex::new(0)).collect(),
+            blocks: (0..nblocks)
+                .map(|_| Mutex::new(BlockState::default()))
+                .collect(),
         }
     }
 
@@ -49,9 +61,35 @@ impl Region {
     }
 
     /// Locks the state of the block holding region offset `off`.
-    pub fn block(&self, off: u64) -> MutexGuard<'_, u32> {
+    pub fn block(&self, off: u64) -> MutexGuard<'_, BlockState> {
         let i = (off / BLOCK_SIZE) as usize;
         self.blocks[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held pages over all blocks.
+    pub fn held_pages(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|b| u64::from(b.lock().unwrap_or_else(|e| e.into_inner()).held))
+            .sum()
+    }
+
+    /// Adds (`hold`) or removes the pages of `r` (inside the region) to or from the held count
+    /// of each block it covers.
+    pub fn hold(&self, r: &GpaRange, hold: bool) {
+        let (s, e) = (r.start() - self.gpa, r.end() - self.gpa);
+        let mut off = s;
+        while off < e {
+            let block_end = (off / BLOCK_SIZE + 1) * BLOCK_SIZE;
+            let pages = (block_end.min(e) - off) / PAGE_SIZE;
+            let mut st = self.block(off);
+            if hold {
+                st.held = st.held.saturating_add(pages as u32);
+            } else {
+                st.held = st.held.saturating_sub(pages as u32);
+            }
+            off = block_end;
+        }
     }
 
     /// Marks (`delta = 1`) or unmarks (`delta = -1`) every block that `r` (inside the region)
@@ -64,9 +102,9 @@ impl Region {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             if mark {
-                *st += 1;
+                st.discarding += 1;
             } else {
-                *st = st.saturating_sub(1);
+                st.discarding = st.discarding.saturating_sub(1);
             }
         }
     }
