@@ -262,7 +262,15 @@ impl Balloon {
         self.active = None;
         self.acked = 0;
         self.space.actual = 0;
-        self.frames.clear();
+        // A reset driver holds nothing: the memory layer may fill those pages freely again.
+        let mut all = self.frames.take_all();
+        let ranges = coalesce(&mut all);
+        if !ranges.is_empty()
+            && let Err(e) = self.backend.deflate_many(&ranges)
+        {
+            self.stats.release_errors += 1;
+            log_release_error(&e, self.stats.release_errors);
+        }
     }
 
     /// The driver notified queue `index`. The time spent (releases included) is counted in
@@ -423,6 +431,15 @@ impl Balloon {
     }
 }
 
+/// Why pages are released.
+#[derive(Clone, Copy)]
+enum Release {
+    /// Inflated: held by the guest until it deflates.
+    Inflate,
+    /// Reported free: the guest may reuse them at any time.
+    Report,
+}
+
 /// The parts of the device a chain handler may change.
 struct Ctx<'a> {
     frames: &'a mut FrameSet,
@@ -446,19 +463,30 @@ impl Ctx<'_> {
         self.stats.pages_inflated += fresh.len() as u64;
         let ranges = coalesce(&mut fresh);
         self.stats.inflate_ranges += ranges.len() as u64;
-        if let Some(n) = self.release(&ranges) {
+        if let Some(n) = self.release(&ranges, Release::Inflate) {
             self.stats.bytes_released += n;
         }
     }
 
     fn deflate(&mut self, pfns: Vec<u32>) {
+        let mut back = Vec::with_capacity(pfns.len());
         for pfn in pfns.into_iter().map(u64::from) {
             if !self.frames.contains(pfn) {
                 self.stats.bad_pfns += 1;
             } else if self.frames.remove(pfn) {
                 self.stats.pages_deflated += 1;
+                back.push(pfn);
             } else {
                 self.stats.deflate_not_held += 1;
+            }
+        }
+        let ranges = coalesce(&mut back);
+        if !ranges.is_empty()
+            && let Err(e) = self.backend.deflate_many(&ranges)
+        {
+            self.stats.release_errors += 1;
+            if self.stats.release_errors.is_power_of_two() {
+                log_release_error(&e, self.stats.release_errors);
             }
         }
     }
@@ -467,18 +495,22 @@ impl Ctx<'_> {
         self.stats.reports_handled += ranges.len() as u64;
         let merged = merge_ranges(ranges);
         self.stats.bytes_reported += merged.iter().map(PageRange::len).sum::<u64>();
-        if let Some(n) = self.release(&merged) {
+        if let Some(n) = self.release(&merged, Release::Report) {
             self.stats.bytes_report_released += n;
         }
     }
 
     /// One backend call for all of a chain's ranges.
-    fn release(&mut self, ranges: &[PageRange]) -> Option<u64> {
+    fn release(&mut self, ranges: &[PageRange], kind: Release) -> Option<u64> {
         if ranges.is_empty() {
             return None;
         }
         self.stats.release_calls += 1;
-        match self.backend.release_many(ranges) {
+        let res = match kind {
+            Release::Inflate => self.backend.inflate_many(ranges),
+            Release::Report => self.backend.release_many(ranges),
+        };
+        match res {
             Ok(n) => Some(n),
             Err(e) => {
                 self.stats.release_errors += 1;

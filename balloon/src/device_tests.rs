@@ -16,6 +16,9 @@ const WRITE: u16 = 2;
 struct Recorder {
     calls: Mutex<Vec<(u64, u64)>>,
     fail: bool,
+    /// Ranges given as inflated (held) and as deflated (taken back).
+    inflated: Mutex<Vec<(u64, u64)>>,
+    deflated: Mutex<Vec<(u64, u64)>>,
 }
 
 impl ReleaseBackend for Recorder {
@@ -35,6 +38,19 @@ impl ReleaseBackend for Recorder {
             });
         }
         Ok(len)
+    }
+
+    fn inflate_many(&self, ranges: &[PageRange]) -> Result<u64, ReleaseError> {
+        let mut held = self.inflated.lock().unwrap();
+        held.extend(ranges.iter().map(|r| (r.gpa(), r.len())));
+        drop(held);
+        self.release_many(ranges)
+    }
+
+    fn deflate_many(&self, ranges: &[PageRange]) -> Result<(), ReleaseError> {
+        let mut back = self.deflated.lock().unwrap();
+        back.extend(ranges.iter().map(|r| (r.gpa(), r.len())));
+        Ok(())
     }
 }
 
@@ -258,6 +274,22 @@ fn deflate_counts_and_releases_nothing() {
     assert_eq!(r.balloon.held_pages(), 1);
     assert_eq!(r.backend.calls.lock().unwrap().len(), 1, "only the inflate");
     assert_eq!(r.queues[1].used().len(), 1);
+    // The backend heard which pages were held and which came back, so it can fill freely
+    // around the returned ones only; a reset returns the rest.
+    assert_eq!(
+        *r.backend.inflated.lock().unwrap(),
+        [(PAGE_SIZE, 3 * PAGE_SIZE)]
+    );
+    assert_eq!(
+        *r.backend.deflated.lock().unwrap(),
+        [(2 * PAGE_SIZE, 2 * PAGE_SIZE)]
+    );
+    r.balloon.reset();
+    assert_eq!(r.balloon.held_pages(), 0);
+    assert_eq!(
+        *r.backend.deflated.lock().unwrap(),
+        [(2 * PAGE_SIZE, 2 * PAGE_SIZE), (PAGE_SIZE, PAGE_SIZE)]
+    );
 }
 
 fn stat_bytes(entries: &[(u16, u64)]) -> Vec<u8> {

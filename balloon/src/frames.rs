@@ -107,16 +107,35 @@ impl FrameSet {
         self.held
     }
 
-    /// Forgets every page (device reset).
-    pub(crate) fn clear(&mut self) {
-        self.bits.fill(0);
+    /// Forgets every page (device reset) and returns them, sorted.
+    pub(crate) fn take_all(&mut self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(usize::try_from(self.held).unwrap_or(0));
+        for (w, word) in self.bits.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                out.push(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
         self.held = 0;
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_all_returns_every_held_page_and_empties_the_set() {
+        let mut f = FrameSet::new(200);
+        for p in [0, 63, 64, 130, 199] {
+            assert!(f.insert(p));
+        }
+        assert_eq!(f.take_all(), vec![0, 63, 64, 130, 199]);
+        assert_eq!(f.held(), 0);
+        assert!(f.insert(63), "cleared");
+    }
 
     #[test]
     fn coalesces_sorted_runs() {
@@ -151,7 +170,7 @@ mod tests {
         assert!(!s.remove(129));
         assert!(!s.remove(u64::MAX));
         assert_eq!(s.held(), 1);
-        s.clear();
+        s.take_all();
         assert_eq!(s.held(), 0);
         assert!(s.insert(0));
     }

@@ -92,4 +92,19 @@ pub trait ReleaseBackend: Send + Sync {
         }
         Ok(bytes)
     }
+
+    /// Releases pages the guest put in the balloon: unlike reported free pages, the guest will
+    /// not touch them until it deflates, so a memory layer that fills more than the faulting
+    /// page (block fills, fault-around) must leave them out until then. The default is
+    /// [`release_many`](Self::release_many).
+    fn inflate_many(&self, ranges: &[PageRange]) -> Result<u64, ReleaseError> {
+        self.release_many(ranges)
+    }
+
+    /// The guest took these pages back out of the balloon (they were inflated before). Nothing
+    /// needs releasing; the default does nothing.
+    fn deflate_many(&self, ranges: &[PageRange]) -> Result<(), ReleaseError> {
+        let _ = ranges;
+        Ok(())
+    }
 }

@@ -363,6 +363,56 @@ impl VmMemory {
         Ok(summary.host_bytes_released)
     }
 
+    /// The balloon's inflate: marks the ranges as held by the guest (no block fill or
+    /// fault-around window will bring them back; see `GuestMm::hold`), then discards them like
+    /// [`discard_many`](Self::discard_many). Returns the bytes released.
+    pub fn discard_held(&self, ranges: &[(u64, u64)]) -> Result<u64, MemoryError> {
+        let Some(mm) = &self.tracker else {
+            return self.discard_many(ranges);
+        };
+        let granges = self.checked_ranges(ranges)?;
+        mm.hold(&granges, true).map_err(MemoryError::Tracker)?;
+        let summary = mm.discard_many(&granges).map_err(MemoryError::Tracker)?;
+        Ok(summary.host_bytes_released)
+    }
+
+    /// The balloon's deflate: the guest takes the ranges back; faults in their blocks may fill
+    /// more than the faulting page again once nothing in the block is held. Nothing else
+    /// happens now (the pages come back when the guest touches them).
+    pub fn unhold(&self, ranges: &[(u64, u64)]) -> Result<(), MemoryError> {
+        let Some(mm) = &self.tracker else {
+            return Ok(());
+        };
+        let granges = self.checked_ranges(ranges)?;
+        mm.hold(&granges, false).map_err(MemoryError::Tracker)
+    }
+
+    /// Pages the balloon holds, as guest-mm counts them (0 untracked).
+    pub fn held_pages(&self) -> u64 {
+        self.tracker.as_ref().map_or(0, GuestMm::held_pages)
+    }
+
+    fn checked_ranges(
+        &self,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<guest_mm::GpaRange>, MemoryError> {
+        let size = self.ram.size() as u64;
+        ranges
+            .iter()
+            .map(|&(gpa, len)| {
+                let end = gpa.checked_add(len).filter(|e| *e <= size);
+                if len == 0
+                    || !gpa.is_multiple_of(4096)
+                    || !len.is_multiple_of(4096)
+                    || end.is_none()
+                {
+                    return Err(MemoryError::BadRange { gpa, len });
+                }
+                guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Tracker)
+            })
+            .collect()
+    }
+
     /// Current memory figures; `exact` also walks the tables for the minimum (slower).
     pub fn report(&self) -> Result<crate::report::MemoryReport, MemoryError> {
         let tracked = self.tracker.as_ref().map(|mm| {
@@ -503,6 +553,37 @@ mod tests {
             let v: u8 = m.vm_memory().read_obj(GuestAddress(2 * 4096)).unwrap();
             assert_eq!(v, 9);
         }
+    }
+
+    #[test]
+    fn ballooned_pages_stay_out_until_deflated() {
+        let file = crate::config::ConfigFile {
+            kernel: Some(std::env::current_exe().unwrap()),
+            memory_mib: Some(64),
+            ..Default::default()
+        };
+        // The default window: 8 blocks per fault.
+        let config = crate::config::VmConfig::validate(file).unwrap();
+        let m = VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)");
+        m.vm_memory().write_obj(1u8, GuestAddress(0)).unwrap();
+        assert_eq!(m.report().unwrap().resident_pages, 8 * 512);
+        // The balloon takes all of block 1, then gives back 4 pages, and the guest touches one.
+        m.discard_held(&[(2 << 20, 2 << 20)]).unwrap();
+        assert_eq!(m.held_pages(), 512);
+        m.unhold(&[(2 << 20, 4 * 4096)]).unwrap();
+        m.vm_memory().write_obj(2u8, GuestAddress(2 << 20)).unwrap();
+        let r = m.report().unwrap();
+        assert_eq!(
+            r.resident_pages,
+            7 * 512 + 1,
+            "one page back, not the block"
+        );
+        assert_eq!(r.leaf_pages(), Some(r.resident_pages));
+        assert!(matches!(
+            m.discard_held(&[(64 << 20, 4096)]),
+            Err(MemoryError::BadRange { .. })
+        ));
+        assert_eq!(m.held_pages(), 508);
     }
 
     #[test]

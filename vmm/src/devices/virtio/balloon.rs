@@ -47,12 +47,34 @@ impl ReleaseBackend for MemoryRelease {
     }
 
     fn release_many(&self, ranges: &[PageRange]) -> Result<u64, ReleaseError> {
-        let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa(), r.len())).collect();
-        self.0.discard_many(&pairs).map_err(|e| ReleaseError {
-            gpa: pairs.first().map_or(0, |r| r.0),
-            ranges: pairs.len(),
-            source: Box::new(e),
-        })
+        let pairs = pairs(ranges);
+        self.0
+            .discard_many(&pairs)
+            .map_err(|e| batch_error(&pairs, e))
+    }
+
+    fn inflate_many(&self, ranges: &[PageRange]) -> Result<u64, ReleaseError> {
+        let pairs = pairs(ranges);
+        self.0
+            .discard_held(&pairs)
+            .map_err(|e| batch_error(&pairs, e))
+    }
+
+    fn deflate_many(&self, ranges: &[PageRange]) -> Result<(), ReleaseError> {
+        let pairs = pairs(ranges);
+        self.0.unhold(&pairs).map_err(|e| batch_error(&pairs, e))
+    }
+}
+
+fn pairs(ranges: &[PageRange]) -> Vec<(u64, u64)> {
+    ranges.iter().map(|r| (r.gpa(), r.len())).collect()
+}
+
+fn batch_error(pairs: &[(u64, u64)], e: crate::memory::MemoryError) -> ReleaseError {
+    ReleaseError {
+        gpa: pairs.first().map_or(0, |r| r.0),
+        ranges: pairs.len(),
+        source: Box::new(e),
     }
 }
 
