@@ -426,6 +426,8 @@ impl VmMemory {
                 table_bytes: st.tables.table_bytes,
                 min_table_bytes: mm.tables().min_table_bytes(),
                 faults: st.faults_resolved,
+                held_pages: mm.held_pages(),
+                pages_kept: st.pages_kept,
             }
         });
         Ok(crate::report::MemoryReport {

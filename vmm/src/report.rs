@@ -17,6 +17,10 @@ pub struct TrackStats {
     pub min_table_bytes: u64,
     /// Guest page faults resolved by the userfaultfd handlers.
     pub faults: u64,
+    /// Pages the guest holds in its balloon (filled only if the guest touches them).
+    pub held_pages: u64,
+    /// Released pages the host kept (it could not split a 2 MiB page); they keep their leaves.
+    pub pages_kept: u64,
 }
 
 /// Everything the report says.
@@ -86,6 +90,12 @@ impl MemoryReport {
                     t.table_bytes, t.min_table_bytes, verdict
                 ));
                 s.push_str(&format!("faults handled:       {:>10}\n", t.faults));
+                if t.held_pages + t.pages_kept > 0 {
+                    s.push_str(&format!(
+                        "balloon-held pages:   {:>10}  (released but kept by the host: {})\n",
+                        t.held_pages, t.pages_kept
+                    ));
+                }
                 let cover = if leaf_pages >= self.resident_pages {
                     "yes"
                 } else {
