@@ -25,7 +25,8 @@ G="ebb-guest integrity --mib 128 --hold-secs 75 && ebb-guest hog --mib 192 --hol
     --hlt-in-guest --api-sock "$S" --balloon --balloon-reporting --balloon-stats-s 2 \
     --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $G" </dev/null >"$OUT" 2>&1 &
 pid=$!
-finish() { wait "$pid"; st=$?; cat "$OUT"; echo "EBB-BALLOON-EBB-STATUS $st"; exit 0; }
+# The job ends with ebb's status, so the harness sees a triple fault (3) as the rig fault it is.
+finish() { wait "$pid"; st=$?; cat "$OUT"; echo "EBB-BALLOON-EBB-STATUS $st"; exit "$st"; }
 fail() { echo "EBB-BALLOON-FAIL $*"; kill "$pid" 2>/dev/null; finish; }
 num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }
 wait_for() { # PATTERN SECONDS
@@ -117,6 +118,7 @@ fn balloon_gives_back_memory_and_its_tables_with_guest_data_intact() {
         .unwrap_or_else(|e| panic!("rig run failed: {e}"));
     let text = out.output_text();
     assert!(!text.contains("EBB-BALLOON-FAIL"), "{text}");
+    assert_eq!(out.status, 0, "ebb exit status:\n{text}");
     assert!(
         text.contains("EBB-BALLOON-EBB-STATUS 0"),
         "ebb exit status:\n{text}"
