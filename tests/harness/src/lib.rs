@@ -38,5 +38,7 @@ pub use images::{RigImages, images_dir, static_ebb, workspace_root};
 pub use job::{Command, Job, Sampling, sh_quote};
 pub use peer::{PeerJob, PeerOutput};
 pub use protocol::{Meminfo, ProcSample, ResultLine, Transcript, parse_result};
-pub use rerun::{EBB_EXIT_TRIPLE_FAULT, FaultSeen, Reran, Reruns, RigFault, RigFaultError};
+pub use rerun::{
+    EBB_EXIT_KVM_ERROR, EBB_EXIT_TRIPLE_FAULT, FaultSeen, Reran, Reruns, RigFault, RigFaultError,
+};
 pub use runner::{DEFAULT_ACCEL, DEFAULT_CPU, L1_DID_NOT_BOOT, Rig, RunOutput};

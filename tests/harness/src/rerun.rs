@@ -25,6 +25,9 @@ use crate::runner::{L1_DID_NOT_BOOT, RunOutput};
 /// ebb's exit status when a vCPU triple-faulted (`vmm`'s `ExitReason::TripleFault`).
 pub const EBB_EXIT_TRIPLE_FAULT: i32 = 3;
 
+/// ebb's exit status when KVM reported an error (`vmm`'s `ExitReason::KvmError`).
+pub const EBB_EXIT_KVM_ERROR: i32 = 4;
+
 /// Output lines kept as an attempt's evidence (besides the line that matched).
 const EVIDENCE_LINES: usize = 40;
 
@@ -39,6 +42,10 @@ pub enum RigFault {
     L1Boot,
     /// ebb's L2 guest triple-faulted: ebb exited with status 3 and said so.
     EbbTripleFault,
+    /// KVM stopped ebb's L2 guest with an internal error of suberror 3 (delivering an event
+    /// failed: the same #PF on an instruction fetch, error 0x10, as the triple faults); ebb
+    /// exited with status 4.
+    EbbKvmInternalError,
     /// The QEMU peer's L2 guest never reached its init (`EBB-PEER-ERROR no-boot`).
     PeerNoBoot,
     /// The QEMU peer's QMP socket never appeared (`EBB-PEER-ERROR qmp-missing`).
@@ -51,10 +58,11 @@ pub enum RigFault {
 
 impl RigFault {
     /// Every known fault, in detection order.
-    pub const ALL: [RigFault; 7] = [
+    pub const ALL: [RigFault; 8] = [
         RigFault::L1Oops,
         RigFault::L1Boot,
         RigFault::EbbTripleFault,
+        RigFault::EbbKvmInternalError,
         RigFault::PeerNoBoot,
         RigFault::PeerQmpMissing,
         RigFault::PeerKvmInternalError,
@@ -67,6 +75,7 @@ impl RigFault {
             RigFault::L1Oops => "L1 kernel oops",
             RigFault::L1Boot => "L1 did not boot",
             RigFault::EbbTripleFault => "L2 triple fault under ebb",
+            RigFault::EbbKvmInternalError => "KVM internal error (suberror 3) under ebb",
             RigFault::PeerNoBoot => "peer guest did not boot",
             RigFault::PeerQmpMissing => "peer QMP socket missing",
             RigFault::PeerKvmInternalError => "peer KVM internal error",
@@ -93,6 +102,9 @@ impl RigFault {
             )),
             (RigFault::EbbTripleFault, Ok(out)) if out.status == EBB_EXIT_TRIPLE_FAULT => {
                 evidence(out, |l| l.contains("triple-faulted"))
+            }
+            (RigFault::EbbKvmInternalError, Ok(out)) if out.status == EBB_EXIT_KVM_ERROR => {
+                evidence(out, |l| l.contains("internal error, suberror 3"))
             }
             (RigFault::PeerNoBoot, Ok(out)) => peer_error(out, "no-boot"),
             (RigFault::PeerQmpMissing, Ok(out)) => peer_error(out, "qmp-missing"),
@@ -439,6 +451,14 @@ mod tests {
             &output(0, &["vCPU 0 triple-faulted"])
         ));
         assert!(d(RigFault::EbbTripleFault, &tf(1)));
+        let kvm3 = "ebb: KVM error on vCPU 0: internal error, suberror 3 (1 = emulation failure)";
+        assert!(d(RigFault::EbbKvmInternalError, &output(4, &[kvm3])));
+        assert!(!d(RigFault::EbbKvmInternalError, &output(0, &[kvm3])));
+        let other = "ebb: KVM error on vCPU 0: internal error, suberror 1 (1 = emulation failure)";
+        assert!(
+            !d(RigFault::EbbKvmInternalError, &output(4, &[other])),
+            "an emulation failure is not this fault"
+        );
 
         let kvm = output(
             125,
