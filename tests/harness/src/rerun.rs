@@ -46,6 +46,9 @@ pub enum RigFault {
     /// failed: the same #PF on an instruction fetch, error 0x10, as the triple faults); ebb
     /// exited with status 4.
     EbbKvmInternalError,
+    /// An L2 guest kernel (under ebb or the peer) oopsed on an int3 left in code it had just
+    /// patched: the same emulated cross-modifying-code race as L1's oopses, one level down.
+    GuestInt3Oops,
     /// The QEMU peer's L2 guest never reached its init (`EBB-PEER-ERROR no-boot`).
     PeerNoBoot,
     /// The QEMU peer's QMP socket never appeared (`EBB-PEER-ERROR qmp-missing`).
@@ -58,11 +61,12 @@ pub enum RigFault {
 
 impl RigFault {
     /// Every known fault, in detection order.
-    pub const ALL: [RigFault; 8] = [
+    pub const ALL: [RigFault; 9] = [
         RigFault::L1Oops,
         RigFault::L1Boot,
         RigFault::EbbTripleFault,
         RigFault::EbbKvmInternalError,
+        RigFault::GuestInt3Oops,
         RigFault::PeerNoBoot,
         RigFault::PeerQmpMissing,
         RigFault::PeerKvmInternalError,
@@ -76,6 +80,7 @@ impl RigFault {
             RigFault::L1Boot => "L1 did not boot",
             RigFault::EbbTripleFault => "L2 triple fault under ebb",
             RigFault::EbbKvmInternalError => "KVM internal error (suberror 3) under ebb",
+            RigFault::GuestInt3Oops => "L2 guest kernel int3 oops",
             RigFault::PeerNoBoot => "peer guest did not boot",
             RigFault::PeerQmpMissing => "peer QMP socket missing",
             RigFault::PeerKvmInternalError => "peer KVM internal error",
@@ -106,6 +111,7 @@ impl RigFault {
             (RigFault::EbbKvmInternalError, Ok(out)) if out.status == EBB_EXIT_KVM_ERROR => {
                 evidence(out, |l| l.contains("internal error, suberror 3"))
             }
+            (RigFault::GuestInt3Oops, Ok(out)) => evidence(out, |l| l.contains("Oops: int3")),
             (RigFault::PeerNoBoot, Ok(out)) => peer_error(out, "no-boot"),
             (RigFault::PeerQmpMissing, Ok(out)) => peer_error(out, "qmp-missing"),
             (RigFault::PeerKvmInternalError, Ok(out)) if peer_failed(out) => {
@@ -458,6 +464,13 @@ mod tests {
         assert!(
             !d(RigFault::EbbKvmInternalError, &output(4, &[other])),
             "an emulation failure is not this fault"
+        );
+        let int3 = "[    0.528541] Oops: int3: 0000 [#1] SMP NOPTI";
+        assert!(d(RigFault::GuestInt3Oops, &output(0, &[int3])));
+        let null = "[    9.100000] Oops: 0002 [#1] SMP NOPTI";
+        assert!(
+            !d(RigFault::GuestInt3Oops, &output(0, &[null])),
+            "a guest's own crash (e.g. sysrq-c) is not this fault"
         );
 
         let kvm = output(

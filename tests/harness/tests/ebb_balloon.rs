@@ -110,6 +110,7 @@ fn balloon_gives_back_memory_and_its_tables_with_guest_data_intact() {
         .l1_reruns("ebb_balloon")
         .on(RigFault::EbbTripleFault)
         .on(RigFault::EbbKvmInternalError)
+        .on(RigFault::GuestInt3Oops)
         .max_reruns(2);
     let job = Job::shell(SCRIPT)
         .input(&ebb)

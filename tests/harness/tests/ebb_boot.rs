@@ -41,6 +41,7 @@ fn ebb_boots_debian_runs_integrity_and_touch_and_reports() {
         .l1_reruns("ebb_boot")
         .on(RigFault::EbbTripleFault)
         .on(RigFault::EbbKvmInternalError)
+        .on(RigFault::GuestInt3Oops)
         .max_reruns(2);
     let out = rig
         .run_with(

@@ -27,6 +27,7 @@ fn peer_guest_keeps_data_through_churn() {
         .on(RigFault::PeerNoBoot)
         .on(RigFault::PeerKvmInternalError)
         .on(RigFault::PeerStoppedEarly)
+        .on(RigFault::GuestInt3Oops)
         .max_reruns(2);
     let out = match rig.run_peer_with(&job, &reruns) {
         Ok(o) => o,

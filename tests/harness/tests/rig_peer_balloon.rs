@@ -51,6 +51,7 @@ fn balloon_inflate_keeps_guest_data() {
         .on(RigFault::PeerQmpMissing)
         .on(RigFault::PeerKvmInternalError)
         .on(RigFault::PeerStoppedEarly)
+        .on(RigFault::GuestInt3Oops)
         .max_reruns(2);
     let out = rig
         .run_with(
