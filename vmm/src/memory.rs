@@ -309,12 +309,7 @@ impl VmMemory {
     /// `MADV_DONTNEED` otherwise. Returns the bytes released. The range must be 4 KiB aligned
     /// and inside guest RAM; anything else is refused and nothing changes.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
-        let end = gpa
-            .checked_add(len)
-            .filter(|e| *e <= self.ram.size() as u64);
-        if len == 0 || !gpa.is_multiple_of(4096) || !len.is_multiple_of(4096) || end.is_none() {
-            return Err(MemoryError::BadRange { gpa, len });
-        }
+        self.check_range(gpa, len)?;
         if let Some(mm) = &self.tracker {
             let range = guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Tracker)?;
             let summary = mm.discard(range).map_err(MemoryError::Tracker)?;
@@ -340,25 +335,17 @@ impl VmMemory {
     /// leaves and frees emptied tables in one pass and merges the host releases (one syscall
     /// per merged run instead of one per range). Returns the bytes released.
     pub fn discard_many(&self, ranges: &[(u64, u64)]) -> Result<u64, MemoryError> {
-        let size = self.ram.size() as u64;
-        for &(gpa, len) in ranges {
-            let end = gpa.checked_add(len).filter(|e| *e <= size);
-            if len == 0 || !gpa.is_multiple_of(4096) || !len.is_multiple_of(4096) || end.is_none() {
-                return Err(MemoryError::BadRange { gpa, len });
-            }
-        }
         let Some(mm) = &self.tracker else {
+            for &(gpa, len) in ranges {
+                self.check_range(gpa, len)?;
+            }
             let mut bytes = 0;
             for &(gpa, len) in ranges {
                 bytes += self.discard(gpa, len)?;
             }
             return Ok(bytes);
         };
-        let ranges = ranges
-            .iter()
-            .map(|&(gpa, len)| guest_mm::manager::gpa_range(gpa, len))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(MemoryError::Tracker)?;
+        let ranges = self.checked_ranges(ranges)?;
         let summary = mm.discard_many(&ranges).map_err(MemoryError::Tracker)?;
         Ok(summary.host_bytes_released)
     }
@@ -392,22 +379,26 @@ impl VmMemory {
         self.tracker.as_ref().map_or(0, GuestMm::held_pages)
     }
 
+    /// Refuses a range that is empty, not 4 KiB aligned or not inside guest RAM.
+    fn check_range(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let end = gpa
+            .checked_add(len)
+            .filter(|e| *e <= self.ram.size() as u64);
+        if len == 0 || !gpa.is_multiple_of(4096) || !len.is_multiple_of(4096) || end.is_none() {
+            return Err(MemoryError::BadRange { gpa, len });
+        }
+        Ok(())
+    }
+
+    /// Every range checked (the first bad one refuses all), as guest-mm ranges.
     fn checked_ranges(
         &self,
         ranges: &[(u64, u64)],
     ) -> Result<Vec<guest_mm::GpaRange>, MemoryError> {
-        let size = self.ram.size() as u64;
         ranges
             .iter()
             .map(|&(gpa, len)| {
-                let end = gpa.checked_add(len).filter(|e| *e <= size);
-                if len == 0
-                    || !gpa.is_multiple_of(4096)
-                    || !len.is_multiple_of(4096)
-                    || end.is_none()
-                {
-                    return Err(MemoryError::BadRange { gpa, len });
-                }
+                self.check_range(gpa, len)?;
                 guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Tracker)
             })
             .collect()
