@@ -80,15 +80,20 @@ impl Inner {
             }
         }
         // The pages are in the file now; the retried accesses map them.
-        let host = region.host + off;
-        if let Err(e) = uffd.wake(host, len)
-            && first_of_many(&c.fault_errors)
-        {
-            log::warn!("waking {host:#x} failed: {e}");
-        }
+        self.wake(uffd, region.host + off, len);
         c.block_fills.fetch_add(len / BLOCK_SIZE, Ordering::Relaxed);
         c.faults_resolved.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// Wakes the threads waiting on `addr..addr + len`; a failure is counted and logged
+    /// sparsely.
+    fn wake(&self, uffd: &Userfaultfd, addr: u64, len: u64) {
+        if let Err(e) = uffd.wake(addr, len)
+            && first_of_many(&self.counters.fault_errors)
+        {
+            log::warn!("waking {addr:#x} failed: {e}");
+        }
     }
 
     /// Records leaves for `pages` pages from region offset `off`.
@@ -176,11 +181,7 @@ impl FaultResolver for Inner {
             && !leaf.lazy
         {
             c.eexist.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = uffd.wake(page_addr, PAGE_SIZE)
-                && first_of_many(&c.fault_errors)
-            {
-                log::warn!("waking {page_addr:#x} failed: {e}");
-            }
+            self.wake(uffd, page_addr, PAGE_SIZE);
             return FaultOutcome::Resolved;
         }
 
@@ -246,11 +247,7 @@ impl FaultResolver for Inner {
                 // recorded and the faulting thread is awake.
                 c.eexist.fetch_add(1, Ordering::Relaxed);
                 self.record(region.gpa, off, 1);
-                if let Err(e) = uffd.wake(page_addr, PAGE_SIZE)
-                    && first_of_many(&c.fault_errors)
-                {
-                    log::warn!("waking {page_addr:#x} failed: {e}");
-                }
+                self.wake(uffd, page_addr, PAGE_SIZE);
                 FaultOutcome::Resolved
             }
             Err(UffdIoError::Again { .. }) => {
