@@ -264,13 +264,7 @@ impl Balloon {
         self.space.actual = 0;
         // A reset driver holds nothing: the memory layer may fill those pages freely again.
         let mut all = self.frames.take_all();
-        let ranges = coalesce(&mut all);
-        if !ranges.is_empty()
-            && let Err(e) = self.backend.deflate_many(&ranges)
-        {
-            self.stats.release_errors += 1;
-            log_release_error(&e, self.stats.release_errors);
-        }
+        tell_deflated(self.backend.as_ref(), &mut self.stats, &mut all);
     }
 
     /// The driver notified queue `index`. The time spent (releases included) is counted in
@@ -480,15 +474,7 @@ impl Ctx<'_> {
                 self.stats.deflate_not_held += 1;
             }
         }
-        let ranges = coalesce(&mut back);
-        if !ranges.is_empty()
-            && let Err(e) = self.backend.deflate_many(&ranges)
-        {
-            self.stats.release_errors += 1;
-            if self.stats.release_errors.is_power_of_two() {
-                log_release_error(&e, self.stats.release_errors);
-            }
-        }
+        tell_deflated(self.backend, self.stats, &mut back);
     }
 
     fn report(&mut self, ranges: Vec<PageRange>) {
@@ -513,14 +499,29 @@ impl Ctx<'_> {
         match res {
             Ok(n) => Some(n),
             Err(e) => {
-                self.stats.release_errors += 1;
-                // 1st, 2nd, 4th, 8th... failure: visible without flooding the log.
-                if self.stats.release_errors.is_power_of_two() {
-                    log_release_error(&e, self.stats.release_errors);
-                }
+                count_release_error(self.stats, &e);
                 None
             }
         }
+    }
+}
+
+/// Tells the backend that `pfns` left the balloon, merged into runs.
+fn tell_deflated(backend: &dyn ReleaseBackend, stats: &mut BalloonStats, pfns: &mut [u64]) {
+    let ranges = coalesce(pfns);
+    if !ranges.is_empty()
+        && let Err(e) = backend.deflate_many(&ranges)
+    {
+        count_release_error(stats, &e);
+    }
+}
+
+/// Counts a failed backend call; the 1st, 2nd, 4th, 8th... are logged, so a failure repeating
+/// on every chain is visible without flooding the log.
+fn count_release_error(stats: &mut BalloonStats, e: &ReleaseError) {
+    stats.release_errors += 1;
+    if stats.release_errors.is_power_of_two() {
+        log_release_error(e, stats.release_errors);
     }
 }
 
