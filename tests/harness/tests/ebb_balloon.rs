@@ -56,19 +56,17 @@ snap() {
 }
 wait_for "EBB-INTEGRITY-HOLDING" 120 || fail "the guest never held its pages"
 snap held || fail "API snapshot failed"
-"$CTL" --api-sock "$S" PUT /balloon '{"target_mib":256}' >/dev/null || fail "PUT /balloon refused"
-i=0
-until [ "$("$CTL" --api-sock "$S" GET /balloon | num actual_mib)" = 256 ]; do
-    i=$((i + 1)); [ $i -gt 120 ] && fail "the balloon did not reach 256 MiB in 60 s"
-    sleep 0.5
-done
+set_target() { # MIB: sets the target, then waits up to 60 s for the driver to reach it
+    "$CTL" --api-sock "$S" PUT /balloon "{\"target_mib\":$1}" >/dev/null || fail "PUT /balloon refused"
+    i=0
+    until [ "$("$CTL" --api-sock "$S" GET /balloon | num actual_mib)" = "$1" ]; do
+        i=$((i + 1)); [ $i -gt 120 ] && fail "the balloon did not reach $1 MiB in 60 s"
+        sleep 0.5
+    done
+}
+set_target 256
 snap inflated || fail "API snapshot failed"
-"$CTL" --api-sock "$S" PUT /balloon '{"target_mib":0}' >/dev/null || fail "PUT /balloon refused"
-i=0
-until [ "$("$CTL" --api-sock "$S" GET /balloon | num actual_mib)" = 0 ]; do
-    i=$((i + 1)); [ $i -gt 120 ] && fail "the balloon did not deflate in 60 s"
-    sleep 0.5
-done
+set_target 0
 snap deflated || fail "API snapshot failed"
 wait_for "EBB-RESULT hog phase=held" 150 || fail "the guest never ran hog"
 snap hog || fail "API snapshot failed"
