@@ -53,8 +53,12 @@ pub enum RigError {
     /// cross-modified kernel code); the run was stopped.
     #[error("L1 kernel oops: {message}; last console lines:\n{tail}")]
     L1Oops { message: String, tail: String },
+    /// L1's emulated CPU triple-faulted (QEMU's log says "Triple fault"); with `-no-reboot` QEMU
+    /// then exits with status 0, in the middle of the job.
+    #[error("L1 triple-faulted (QEMU's log); last console lines:\n{tail}")]
+    L1TripleFault { tail: String },
     /// The console ended without the end markers: L1 crashed or QEMU died.
-    #[error("the run ended without {missing}; exit {exit}; last console lines:\n{tail}")]
+    #[error("the run ended without {missing}; QEMU {exit}; last console lines:\n{tail}")]
     Incomplete {
         missing: &'static str,
         exit: String,

@@ -40,6 +40,10 @@ pub enum RigFault {
     /// L1 never reached the job: the console ended before `EBB-RIG-KVM` (an oops while L1 boots,
     /// before kvm_amd is loaded, looks like this).
     L1Boot,
+    /// L1's emulated CPU triple-faulted mid-run: QEMU logged "Triple fault" and exited. Nothing
+    /// in L1's user space (ebb, the peer) can reset L1's CPU; this is the emulation or L1's
+    /// kernel.
+    L1TripleFault,
     /// ebb's L2 guest triple-faulted: ebb exited with status 3 and said so.
     EbbTripleFault,
     /// KVM stopped ebb's L2 guest with an internal error of suberror 3 (delivering an event
@@ -61,9 +65,10 @@ pub enum RigFault {
 
 impl RigFault {
     /// Every known fault, in detection order.
-    pub const ALL: [RigFault; 9] = [
+    pub const ALL: [RigFault; 10] = [
         RigFault::L1Oops,
         RigFault::L1Boot,
+        RigFault::L1TripleFault,
         RigFault::EbbTripleFault,
         RigFault::EbbKvmInternalError,
         RigFault::GuestInt3Oops,
@@ -78,6 +83,7 @@ impl RigFault {
         match self {
             RigFault::L1Oops => "L1 kernel oops",
             RigFault::L1Boot => "L1 did not boot",
+            RigFault::L1TripleFault => "L1 triple fault",
             RigFault::EbbTripleFault => "L2 triple fault under ebb",
             RigFault::EbbKvmInternalError => "KVM internal error (suberror 3) under ebb",
             RigFault::GuestInt3Oops => "L2 guest kernel int3 oops",
@@ -105,6 +111,9 @@ impl RigFault {
             ) if *missing == L1_DID_NOT_BOOT => Some(format!(
                 "console ended before EBB-RIG-KVM; exit {exit}\n{tail}"
             )),
+            (RigFault::L1TripleFault, Err(RigError::L1TripleFault { tail })) => {
+                Some(format!("QEMU logged a triple fault of L1's CPU\n{tail}"))
+            }
             (RigFault::EbbTripleFault, Ok(out)) if out.status == EBB_EXIT_TRIPLE_FAULT => {
                 evidence(out, |l| l.contains("triple-faulted"))
             }
@@ -535,5 +544,12 @@ mod tests {
             tail: String::new(),
         });
         assert_eq!(all.classify(&later), None, "L1 lost after the job began");
+        let reset = Err(RigError::L1TripleFault {
+            tail: "EBB-INTEGRITY-HOLDING pass=0 secs=60".into(),
+        });
+        assert_eq!(
+            all.classify(&reset).map(|(f, _)| f),
+            Some(RigFault::L1TripleFault)
+        );
     }
 }

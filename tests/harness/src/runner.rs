@@ -148,13 +148,15 @@ impl Rig {
         self.run_with(job, &self.l1_reruns("rig job"))
     }
 
-    /// The default re-runs: L1's own faults ([`RigFault::L1Oops`], [`RigFault::L1Boot`]), at
+    /// The default re-runs: L1's own faults ([`RigFault::L1Oops`], [`RigFault::L1Boot`],
+    /// [`RigFault::L1TripleFault`]), at
     /// most [`Rig::l1_oops_retries`] times. Tests add their own faults to it with
     /// [`Reruns::on`].
     pub fn l1_reruns(&self, what: impl Into<String>) -> Reruns {
         Reruns::new(what, self.l1_oops_retries)
             .on(RigFault::L1Oops)
             .on(RigFault::L1Boot)
+            .on(RigFault::L1TripleFault)
     }
 
     /// Runs `job`, running it again after the rig faults `reruns` names (see [`Reruns`]). Every
@@ -187,6 +189,11 @@ impl Rig {
         if let Some(message) = t.l1_oops.clone() {
             return Err(RigError::L1Oops {
                 message,
+                tail: tail(&console),
+            });
+        }
+        if self.mode == Mode::Nested && l1_triple_faulted(&tmp) {
+            return Err(RigError::L1TripleFault {
                 tail: tail(&console),
             });
         }
@@ -263,6 +270,10 @@ impl Rig {
                 &self.l1_mem_mib.to_string(),
             ])
             .args(["-nographic", "-no-reboot", "-net", "none"])
+            // CPU resets are logged, so a triple fault in L1 (which -no-reboot turns into a
+            // silent exit with status 0) can be told from L1 powering off.
+            .args(["-d", "cpu_reset", "-D"])
+            .arg(tmp.path().join(L1_QEMU_LOG))
             .arg("-kernel")
             .arg(&self.images.l1_kernel)
             .arg("-initrd")
@@ -423,6 +434,16 @@ impl Rig {
             exit,
         })
     }
+}
+
+/// QEMU's log for L1 (`-D`), in the run's temporary directory.
+const L1_QEMU_LOG: &str = "l1-qemu.log";
+
+/// Whether QEMU logged a triple fault of L1's CPU (x86 TCG logs "Triple fault" under
+/// `-d cpu_reset` before it requests the reset).
+fn l1_triple_faulted(tmp: &TempDir) -> bool {
+    std::fs::read(tmp.path().join(L1_QEMU_LOG))
+        .is_ok_and(|log| log.windows(12).any(|w| w == b"Triple fault"))
 }
 
 /// What a run printed, parsed.
