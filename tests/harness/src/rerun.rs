@@ -466,7 +466,7 @@ mod tests {
             &output(0, &["vCPU 0 triple-faulted"])
         ));
         assert!(d(RigFault::EbbTripleFault, &tf(1)));
-        let kvm3 = "ebb: KVM error on vCPU 0: internal error, suberror 3 (1 = emulation failure)";
+        let kvm3 = "ebb: KVM error on vCPU 0: internal error, suberror 3 (1 = emulation failure, 3 = during event delivery); data [0xd0000050 0x400 0x10000000e 0xd0000050 0x1]";
         assert!(d(RigFault::EbbKvmInternalError, &output(4, &[kvm3])));
         assert!(!d(RigFault::EbbKvmInternalError, &output(0, &[kvm3])));
         let other = "ebb: KVM error on vCPU 0: internal error, suberror 1 (1 = emulation failure)";

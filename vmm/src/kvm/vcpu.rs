@@ -189,10 +189,23 @@ impl Vcpu {
                     let run = self.fd.get_kvm_run();
                     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
                     // `internal` member of the exit union.
-                    let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    let sub = internal.suberror;
+                    // KVM's own words for the error (for suberror 3 on AMD: the event being
+                    // delivered, the exit code, its two info words and the guest-physical
+                    // address), as hex.
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    let data: Vec<String> = internal.data[..n]
+                        .iter()
+                        .map(|d| format!("{d:#x}"))
+                        .collect();
                     stop(ExitReason::KvmError {
                         vcpu: index,
-                        detail: format!("internal error, suberror {sub} (1 = emulation failure)"),
+                        detail: format!(
+                            "internal error, suberror {sub} (1 = emulation failure, 3 = during \
+                             event delivery); data [{}]",
+                            data.join(" ")
+                        ),
                     });
                 }
                 Ok(other) => stop(ExitReason::KvmError {
