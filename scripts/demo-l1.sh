@@ -3,7 +3,7 @@
 # with real VMX/SVM): boot Debian under ebb with the balloon, let the guest write and hold
 # checksummed pages, inflate the balloon over the API socket, deflate it, let the guest check its
 # pages and power off; print ebb's memory figures at each step and its report at exit.
-# Needs ebb and ebb-ctl in $EBB_RIG_INPUTS (or the current directory) and the L2 images in
+# Needs ebb, ebb-ctl and ebb-l1-lib.sh in $EBB_RIG_INPUTS (or the current directory) and the L2 images in
 # $EBB_L2_KERNEL / $EBB_L2_INITRAMFS.
 D=${EBB_RIG_INPUTS:-.}
 E="$D/ebb"; CTL="$D/ebb-ctl"; S=/tmp/ebb-demo.sock; OUT=/tmp/ebb-demo.out
@@ -17,40 +17,19 @@ rm -f "$S"
     ${EBB_DEMO_FLAGS:---hlt-in-guest} --api-sock "$S" --balloon $REPORTING \
     --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $G" </dev/null >"$OUT" 2>&1 &
 pid=$!
-num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }
+. "$D/ebb-l1-lib.sh"
 mib() { echo "$(($1 / 256)).$(( ($1 % 256) * 10 / 256 ))"; }
 show() {
-    vm=$("$CTL" --api-sock "$S" GET /vm) || return 1
-    b=$("$CTL" --api-sock "$S" GET /balloon) || return 1
-    res=$(echo "$vm" | num resident_pages); l4=$(echo "$vm" | num leaves_4k)
-    l2=$(echo "$vm" | num leaves_2m); tb=$(echo "$vm" | num table_bytes)
-    mb=$(echo "$vm" | num min_table_bytes)
+    figures || return 1
     printf '%-34s resident %7s MiB | leaves %6s x 4K + %3s x 2M | table bytes %7s (min %s) | balloon %s MiB, reported %s MiB\n' \
         "$1" "$(mib "$res")" "$l4" "$l2" "$tb" "$mb" "$(echo "$b" | num actual_mib)" \
         "$(($(echo "$b" | num bytes_reported) >> 20))"
 }
-wait_for() {
-    i=0
-    while ! grep -q "$1" "$OUT"; do
-        i=$((i + 1))
-        if [ $i -gt $(($2 * 5)) ] || ! kill -0 "$pid" 2>/dev/null; then return 1; fi
-        sleep 0.2
-    done
-}
-wait_actual() {
-    i=0
-    until [ "$("$CTL" --api-sock "$S" GET /balloon | num actual_mib)" = "$1" ]; do
-        i=$((i + 1)); [ $i -gt 240 ] && return 1
-        sleep 0.5
-    done
-}
 step() {
     if wait_for "EBB-INTEGRITY-HOLDING" 180; then
         show "guest holds 128 MiB of checksums:"
-        "$CTL" --api-sock "$S" PUT /balloon "{\"target_mib\":$INFLATE}" >/dev/null &&
-            wait_actual "$INFLATE" && show "balloon inflated to $INFLATE MiB:"
-        "$CTL" --api-sock "$S" PUT /balloon '{"target_mib":0}' >/dev/null &&
-            wait_actual 0 && show "balloon deflated:"
+        set_target "$INFLATE" 120 && show "balloon inflated to $INFLATE MiB:"
+        set_target 0 120 && show "balloon deflated:"
     else
         echo "the guest never reached its workload; console follows"
     fi

@@ -21,4 +21,4 @@ bin="$repo/target/x86_64-unknown-linux-gnu/release"
 
 echo "== booting Debian under ebb with the balloon (2 vCPUs, 512 MiB)" >&2
 exec "$repo/target/release/ebb-rig" sh --timeout 900 --input "$bin/ebb" --input "$bin/ebb-ctl" \
-    --input "$repo/scripts/demo-l1.sh" "sh ./demo-l1.sh"
+    --input "$repo/scripts/ebb-l1-lib.sh" --input "$repo/scripts/demo-l1.sh" "sh ./demo-l1.sh"

@@ -3,6 +3,8 @@
 //! cover ("leaf pages") are `A + 512 * B`. Every figure that the report prints twice is checked
 //! against its other form, so a change of layout fails here instead of being misread.
 
+use std::collections::HashMap;
+
 /// 4 KiB pages in a 2 MiB leaf.
 pub const PAGES_PER_2M: u64 = 512;
 
@@ -35,6 +37,20 @@ pub enum ReportError {
     MissingLine(&'static str),
     #[error("cannot read report line {line:?}: {why}")]
     BadLine { line: String, why: String },
+}
+
+/// The numeric `key=value` fields of the first output line that starts with `tag label=LABEL `
+/// (the lines `scripts/ebb-l1-lib.sh` prints: `EBB-BALLOON-SNAP`, `EBB-BALLOON-STATS`). A field
+/// whose value is empty or not a number is left out, so a missing figure shows as a missing key.
+pub fn labelled_fields(text: &str, tag: &str, label: &str) -> Option<HashMap<String, u64>> {
+    let head = format!("{tag} label={label} ");
+    let line = text.lines().find(|l| l.starts_with(&head))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect(),
+    )
 }
 
 impl EbbReport {
@@ -310,5 +326,17 @@ mod tests {
     fn not_covering_is_read_as_such() {
         let text = report("10 x 4 KiB", 12, "NO  (10 leaf pages vs 12 resident)");
         assert!(!EbbReport::parse(&text).unwrap().covers);
+    }
+
+    #[test]
+    fn labelled_fields_take_numbers_of_the_named_line() {
+        let text = "x\nEBB-BALLOON-SNAP label=held resident=10 held=\nEBB-BALLOON-SNAP label=inflated resident=7 kept=0\n";
+        let f = labelled_fields(text, "EBB-BALLOON-SNAP", "inflated").unwrap();
+        assert_eq!(f.get("resident"), Some(&7));
+        assert_eq!(f.get("kept"), Some(&0));
+        let f = labelled_fields(text, "EBB-BALLOON-SNAP", "held").unwrap();
+        assert_eq!(f.get("held"), None, "an empty value is a missing key");
+        assert!(labelled_fields(text, "EBB-BALLOON-SNAP", "hel").is_none());
+        assert!(labelled_fields(text, "EBB-BALLOON-STATS", "held").is_none());
     }
 }

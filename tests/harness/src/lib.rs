@@ -31,7 +31,7 @@ mod runner;
 mod tempdir;
 
 pub use cpio::CpioWriter;
-pub use ebb_report::{EbbReport, PAGES_PER_2M, ReportError};
+pub use ebb_report::{EbbReport, PAGES_PER_2M, ReportError, labelled_fields};
 pub use error::RigError;
 pub use host::{HostVirt, Mode, has_virt_flag, select_mode};
 pub use images::{RigImages, images_dir, static_ebb, workspace_root};

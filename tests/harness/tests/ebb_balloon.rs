@@ -13,11 +13,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ebb_harness::{EbbReport, Job, Rig, RigFault, static_ebb};
+use ebb_harness::{EbbReport, Job, Rig, RigFault, labelled_fields, static_ebb};
 
-/// Runs in L1. ebb in the background, its console in /tmp/ebb.out; `snap LABEL` prints one
-/// `EBB-BALLOON-SNAP` line with the report and balloon figures, retrying until the report is
-/// self-consistent (a fault can land between its figures while the guest runs).
+/// Runs in L1. ebb in the background, its console in /tmp/ebb.out; `snap LABEL` (from
+/// `scripts/ebb-l1-lib.sh`) prints one `EBB-BALLOON-SNAP` line with the report and balloon
+/// figures, read again until the report is self-consistent (a fault can land between its figures
+/// while the guest runs).
 const SCRIPT: &str = r#"
 E="$EBB_RIG_INPUTS/ebb"; CTL="$EBB_RIG_INPUTS/ebb-ctl"; S=/run/ebb.sock; OUT=/tmp/ebb.out
 G="ebb-guest integrity --mib 128 --hold-secs 75 && ebb-guest hog --mib 192 --hold-secs 8 && sleep 20"
@@ -28,54 +29,21 @@ pid=$!
 # The job ends with ebb's status, so the harness sees a triple fault (3) as the rig fault it is.
 finish() { wait "$pid"; st=$?; cat "$OUT"; echo "EBB-BALLOON-EBB-STATUS $st"; exit "$st"; }
 fail() { echo "EBB-BALLOON-FAIL $*"; kill "$pid" 2>/dev/null; finish; }
-num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }
-wait_for() { # PATTERN SECONDS
-    i=0
-    while ! grep -q "$1" "$OUT"; do
-        i=$((i + 1)); [ $i -gt $(($2 * 5)) ] && return 1
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.2
-    done
-}
-snap() {
-    for try in 1 2 3 4 5; do
-        vm=$("$CTL" --api-sock "$S" GET /vm) || return 1
-        b=$("$CTL" --api-sock "$S" GET /balloon) || return 1
-        res=$(echo "$vm" | num resident_pages); l4=$(echo "$vm" | num leaves_4k)
-        l2=$(echo "$vm" | num leaves_2m); tb=$(echo "$vm" | num table_bytes)
-        mb=$(echo "$vm" | num min_table_bytes)
-        [ $((l4 + 512 * l2)) -eq "$res" ] && [ "$tb" -eq "$mb" ] && break
-        sleep 0.5
-    done
-    echo "EBB-BALLOON-SNAP label=$1 try=$try resident=$res leaves_4k=$l4 leaves_2m=$l2" \
-        "table_bytes=$tb min_table_bytes=$mb actual_mib=$(echo "$b" | num actual_mib)" \
-        "pages_inflated=$(echo "$b" | num pages_inflated) pages_deflated=$(echo "$b" | num pages_deflated)" \
-        "reports=$(echo "$b" | num reports_handled) bytes_reported=$(echo "$b" | num bytes_reported)" \
-        "bad_pfns=$(echo "$b" | num bad_pfns) release_errors=$(echo "$b" | num release_errors)" \
-        "held=$(echo "$vm" | num held_pages) kept=$(echo "$vm" | num pages_kept)"
-}
+. "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
 wait_for "EBB-INTEGRITY-HOLDING" 120 || fail "the guest never held its pages"
 snap held || fail "API snapshot failed"
-set_target() { # MIB: sets the target, then waits up to 60 s for the driver to reach it
-    "$CTL" --api-sock "$S" PUT /balloon "{\"target_mib\":$1}" >/dev/null || fail "PUT /balloon refused"
-    i=0
-    until [ "$("$CTL" --api-sock "$S" GET /balloon | num actual_mib)" = "$1" ]; do
-        i=$((i + 1)); [ $i -gt 120 ] && fail "the balloon did not reach $1 MiB in 60 s"
-        sleep 0.5
-    done
-}
-set_target 256
+set_target 256 60 || fail "the balloon did not reach 256 MiB in 60 s"
 snap inflated || fail "API snapshot failed"
-set_target 0
+set_target 0 60 || fail "the balloon did not deflate to 0 in 60 s"
 snap deflated || fail "API snapshot failed"
 wait_for "EBB-RESULT hog phase=held" 150 || fail "the guest never ran hog"
 snap hog || fail "API snapshot failed"
-r0=$("$CTL" --api-sock "$S" GET /balloon | num bytes_reported)
+r0=$(api_get /balloon | num bytes_reported)
 wait_for "EBB-RESULT hog phase=released" 60 || fail "hog never released its memory"
 i=0
 while [ $i -lt 30 ]; do
     sleep 0.5; i=$((i + 1))
-    r=$("$CTL" --api-sock "$S" GET /balloon | num bytes_reported)
+    r=$(api_get /balloon | num bytes_reported)
     [ "$r" -ge $((r0 + 100 * 1048576)) ] && break
 done
 sleep 1
@@ -83,17 +51,13 @@ snap reported || fail "API snapshot failed"
 finish
 "#;
 
-/// The `key=value` fields of the `EBB-BALLOON-SNAP` line labelled `label`.
+/// The shell helpers the script sources.
+const L1_LIB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/ebb-l1-lib.sh");
+
+/// The fields of the `EBB-BALLOON-SNAP` line labelled `label`.
 fn snap(text: &str, label: &str) -> HashMap<String, u64> {
-    let head = format!("EBB-BALLOON-SNAP label={label} ");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&head))
-        .unwrap_or_else(|| panic!("no {label} snapshot:\n{text}"));
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-        .collect()
+    labelled_fields(text, "EBB-BALLOON-SNAP", label)
+        .unwrap_or_else(|| panic!("no {label} snapshot:\n{text}"))
 }
 
 #[test]
@@ -113,6 +77,7 @@ fn balloon_gives_back_memory_and_its_tables_with_guest_data_intact() {
     let job = Job::shell(SCRIPT)
         .input(&ebb)
         .input(&ctl)
+        .input(L1_LIB)
         .timeout(Duration::from_secs(900));
     let out = rig
         .run_with(&job, &reruns)

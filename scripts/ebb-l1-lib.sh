@@ -1,0 +1,86 @@
+# Shell helpers for scripts that drive a running ebb over its API socket, where ebb runs (inside
+# the nested test host, or on a host with real VMX/SVM). Sourced by scripts/demo-l1.sh and by the
+# rig tests' scripts (tests/harness/tests/ebb_balloon*.rs); POSIX sh, for L1's busybox.
+#
+# The caller sets CTL (ebb-ctl), S (ebb's API socket), OUT (ebb's console file) and pid (ebb's
+# process id) before calling them.
+
+# The first integer value of JSON key $1 on stdin.
+num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }
+
+# Waits until ebb's console has a line matching $1, for at most $2 seconds; fails early when
+# ebb has exited.
+wait_for() {
+    _i=0
+    while ! grep -q "$1" "$OUT"; do
+        _i=$((_i + 1))
+        [ $_i -gt $(($2 * 5)) ] && return 1
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.2
+    done
+}
+
+# GET PATH on ebb's API socket.
+api_get() { "$CTL" --api-sock "$S" GET "$1"; }
+
+# The balloon's size as the driver last reported it, in MiB.
+balloon_actual() { api_get /balloon | num actual_mib; }
+
+# Sets the balloon's target to $1 MiB and waits up to $2 seconds for the driver to reach it.
+set_target() {
+    "$CTL" --api-sock "$S" PUT /balloon "{\"target_mib\":$1}" >/dev/null || return 1
+    _i=0
+    until [ "$(balloon_actual)" = "$1" ]; do
+        _i=$((_i + 1))
+        [ $_i -gt $(($2 * 2)) ] && return 1
+        sleep 0.5
+    done
+}
+
+# Reads ebb's memory figures into vm, b (the /vm and /balloon answers), res, l4, l2, tb and mb
+# (resident pages, 4 KiB and 2 MiB leaves, table bytes and their minimum). The two answers are
+# two requests, and the guest runs meanwhile: a fault can land between the figures, and a
+# balloon chain between the answers (Linux's balloon compaction moves a page with one inflate
+# and one deflate). So it reads again (up to 5 times, tries in `try`) until leaves cover exactly
+# the resident pages, the table bytes are the minimum, and guest-mm, the device and the driver
+# agree on the balloon's pages; the last reading stands either way, and the caller's checks
+# judge it.
+figures() {
+    try=0
+    while [ $try -lt 5 ]; do
+        try=$((try + 1))
+        vm=$(api_get /vm) || return 1
+        b=$(api_get /balloon) || return 1
+        res=$(echo "$vm" | num resident_pages); l4=$(echo "$vm" | num leaves_4k)
+        l2=$(echo "$vm" | num leaves_2m); tb=$(echo "$vm" | num table_bytes)
+        mb=$(echo "$vm" | num min_table_bytes)
+        _vh=$(echo "$vm" | num held_pages); _bh=$(echo "$b" | num held_pages)
+        _ap=$(echo "$b" | num actual_pages)
+        [ $((l4 + 512 * l2)) -eq "$res" ] && [ "$tb" -eq "$mb" ] &&
+            [ "$_vh" = "$_bh" ] && [ "$_bh" = "$_ap" ] && return 0
+        sleep 0.5
+    done
+}
+
+# One EBB-BALLOON-SNAP line labelled $1: the figures and the balloon's counters as key=value,
+# for the rig tests to parse.
+snap() {
+    figures || return 1
+    echo "EBB-BALLOON-SNAP label=$1 try=$try resident=$res leaves_4k=$l4 leaves_2m=$l2" \
+        "table_bytes=$tb min_table_bytes=$mb actual_mib=$(echo "$b" | num actual_mib)" \
+        "target_mib=$(echo "$b" | num target_mib) actual_pages=$(echo "$b" | num actual_pages)" \
+        "pages_inflated=$(echo "$b" | num pages_inflated) pages_deflated=$(echo "$b" | num pages_deflated)" \
+        "reports=$(echo "$b" | num reports_handled) bytes_reported=$(echo "$b" | num bytes_reported)" \
+        "bad_pfns=$(echo "$b" | num bad_pfns) release_errors=$(echo "$b" | num release_errors)" \
+        "held=$(echo "$vm" | num held_pages) kept=$(echo "$vm" | num pages_kept)"
+}
+
+# One EBB-BALLOON-STATS line labelled $1: the guest's last statistics (age_ms old) as key=value.
+# Asking also requests fresh ones, so with statistics polled every N seconds a second call after
+# N seconds shows figures taken after the first.
+stats_snap() {
+    _st=$(api_get /balloon/stats) || return 1
+    echo "EBB-BALLOON-STATS label=$1 age_ms=$(echo "$_st" | num age_ms)" \
+        "total_memory=$(echo "$_st" | num total_memory) free_memory=$(echo "$_st" | num free_memory)" \
+        "available_memory=$(echo "$_st" | num available_memory) oom_kills=$(echo "$_st" | num oom_kills)"
+}
