@@ -55,8 +55,6 @@ pub enum RigFault {
     GuestInt3Oops,
     /// The QEMU peer's L2 guest never reached its init (`EBB-PEER-ERROR no-boot`).
     PeerNoBoot,
-    /// The QEMU peer's QMP socket never appeared (`EBB-PEER-ERROR qmp-missing`).
-    PeerQmpMissing,
     /// The QEMU peer stopped its guest with "KVM internal error" (event delivery failed).
     PeerKvmInternalError,
     /// The QEMU peer's guest stopped (e.g. status shutdown) before it finished its command.
@@ -65,7 +63,7 @@ pub enum RigFault {
 
 impl RigFault {
     /// Every known fault, in detection order.
-    pub const ALL: [RigFault; 10] = [
+    pub const ALL: [RigFault; 9] = [
         RigFault::L1Oops,
         RigFault::L1Boot,
         RigFault::L1TripleFault,
@@ -73,7 +71,6 @@ impl RigFault {
         RigFault::EbbKvmInternalError,
         RigFault::GuestInt3Oops,
         RigFault::PeerNoBoot,
-        RigFault::PeerQmpMissing,
         RigFault::PeerKvmInternalError,
         RigFault::PeerStoppedEarly,
     ];
@@ -88,7 +85,6 @@ impl RigFault {
             RigFault::EbbKvmInternalError => "KVM internal error (suberror 3) under ebb",
             RigFault::GuestInt3Oops => "L2 guest kernel int3 oops",
             RigFault::PeerNoBoot => "peer guest did not boot",
-            RigFault::PeerQmpMissing => "peer QMP socket missing",
             RigFault::PeerKvmInternalError => "peer KVM internal error",
             RigFault::PeerStoppedEarly => "peer guest stopped early",
         }
@@ -122,7 +118,6 @@ impl RigFault {
             }
             (RigFault::GuestInt3Oops, Ok(out)) => evidence(out, |l| l.contains("Oops: int3")),
             (RigFault::PeerNoBoot, Ok(out)) => peer_error(out, "no-boot"),
-            (RigFault::PeerQmpMissing, Ok(out)) => peer_error(out, "qmp-missing"),
             (RigFault::PeerKvmInternalError, Ok(out)) if peer_failed(out) => {
                 evidence(out, |l| l.contains("KVM internal error"))
             }
@@ -519,10 +514,6 @@ mod tests {
                 125,
                 &["EBB-PEER-ERROR no-boot: the L2 guest did not reach its init"]
             )
-        ));
-        assert!(d(
-            RigFault::PeerQmpMissing,
-            &output(125, &["EBB-PEER-ERROR qmp-missing: /run/peer-qmp.sock"])
         ));
         // A peer error of another kind (the guest ran too long) is a test failure.
         assert_eq!(
