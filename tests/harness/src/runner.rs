@@ -159,6 +159,18 @@ impl Rig {
             .on(RigFault::L1TripleFault)
     }
 
+    /// The re-runs of a job that runs ebb's guest: [`Rig::l1_reruns`] and the rig faults seen in
+    /// L2 under ebb ([`RigFault::EbbTripleFault`], [`RigFault::EbbKvmInternalError`],
+    /// [`RigFault::GuestInt3Oops`]), at most twice (docs/ARCHITECTURE.md, "Known flakiness").
+    /// Three in a row fail the run with each attempt's evidence.
+    pub fn ebb_reruns(&self, what: impl Into<String>) -> Reruns {
+        self.l1_reruns(what)
+            .on(RigFault::EbbTripleFault)
+            .on(RigFault::EbbKvmInternalError)
+            .on(RigFault::GuestInt3Oops)
+            .max_reruns(2)
+    }
+
     /// Runs `job`, running it again after the rig faults `reruns` names (see [`Reruns`]). Every
     /// attempt ending in one of them gives [`RigError::RigFaults`] with each attempt's evidence.
     pub fn run_with(&self, job: &Job, reruns: &Reruns) -> Result<RunOutput, RigError> {

@@ -16,10 +16,11 @@
 //! Needs `resources/setup.sh` to have run (fails loudly otherwise). The static `ebb` and
 //! `ebb-ctl` are built by the test (or taken from `EBB_BIN` and its directory).
 
-use std::collections::HashMap;
+mod common;
+
 use std::time::Duration;
 
-use ebb_harness::{EbbReport, Job, Rig, RigFault, labelled_fields, static_ebb};
+use common::{check_exit_report, checked_snapshots, fields, run_balloon_script};
 
 /// The balloon's target in MiB, of 512 MiB of guest RAM.
 const TARGET_MIB: u64 = 320;
@@ -57,41 +58,13 @@ stats_snap oom || fail "GET /balloon/stats failed"
 finish
 "#;
 
-fn fields(text: &str, tag: &str, label: &str) -> HashMap<String, u64> {
-    labelled_fields(text, tag, label).unwrap_or_else(|| panic!("no {tag} {label}:\n{text}"))
-}
-
 #[test]
 fn balloon_statistics_and_deflate_on_oom() {
-    let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
-    let ebb = static_ebb().unwrap_or_else(|e| panic!("{e}"));
-    let ctl = ebb.with_file_name("ebb-ctl");
-    assert!(ctl.exists(), "{} missing", ctl.display());
-    let reruns = rig
-        .l1_reruns("ebb_balloon_oom")
-        .on(RigFault::EbbTripleFault)
-        .on(RigFault::EbbKvmInternalError)
-        .on(RigFault::GuestInt3Oops)
-        .max_reruns(2);
-    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/ebb-l1-lib.sh");
-    let job = Job::shell(SCRIPT)
-        .env("TARGET_MIB", TARGET_MIB.to_string())
-        .env("FILL_MIB", FILL_MIB.to_string())
-        .input(&ebb)
-        .input(&ctl)
-        .input(lib)
-        .timeout(Duration::from_secs(600));
-    let out = rig
-        .run_with(&job, &reruns)
-        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
-    let text = out.output_text();
-    assert!(!text.contains("EBB-BALLOON-FAIL"), "{text}");
-    assert_eq!(out.status, 0, "ebb exit status:\n{text}");
-    assert!(
-        text.contains("EBB-BALLOON-EBB-STATUS 0"),
-        "ebb exit status:\n{text}"
-    );
-    assert_eq!(out.guest_status, Some(0), "guest command status:\n{text}");
+    let env = [
+        ("TARGET_MIB", TARGET_MIB.to_string()),
+        ("FILL_MIB", FILL_MIB.to_string()),
+    ];
+    let (out, text) = run_balloon_script("ebb_balloon_oom", SCRIPT, &env, Duration::from_secs(600));
     let integrity = out.result("integrity").expect("integrity result");
     assert_eq!(integrity.u64("checked"), Some(32 * 256));
     assert_eq!(
@@ -104,33 +77,15 @@ fn balloon_statistics_and_deflate_on_oom() {
         "the guest's file is short:\n{text}"
     );
 
-    let [held, inflated, oom] =
-        ["held", "inflated", "oom"].map(|l| fields(&text, "EBB-BALLOON-SNAP", l));
+    // Every snapshot is exact and holds what the device holds (common::checked_snapshots).
+    let [_held, inflated, oom] = checked_snapshots(
+        "ebb_balloon_oom",
+        &text,
+        ["held", "inflated", "oom"],
+        131_072,
+    );
     let [s_before, s_inflated, s_oom] =
         ["before", "inflated", "oom"].map(|l| fields(&text, "EBB-BALLOON-STATS", l));
-    for (label, s) in [("held", &held), ("inflated", &inflated), ("oom", &oom)] {
-        eprintln!("ebb_balloon_oom: {label}: {s:?}");
-        assert_eq!(
-            s["leaves_4k"] + 512 * s["leaves_2m"],
-            s["resident"],
-            "{label}: leaf pages are exactly the resident pages"
-        );
-        assert_eq!(
-            s["table_bytes"], s["min_table_bytes"],
-            "{label}: table bytes are the minimum for the leaves"
-        );
-        assert_eq!(s["bad_pfns"] + s["release_errors"], 0, "{label}: {s:?}");
-        // guest-mm holds exactly what the device holds, at every step.
-        assert_eq!(
-            s["held"],
-            s["pages_inflated"] - s["pages_deflated"],
-            "{label}: {s:?}"
-        );
-        assert!(
-            s["resident"] <= 131_072 - s["held"] + s["kept"],
-            "{label}: ballooned pages must not be resident: {s:?}"
-        );
-    }
     for (label, s) in [
         ("before", &s_before),
         ("inflated", &s_inflated),
@@ -166,9 +121,7 @@ fn balloon_statistics_and_deflate_on_oom() {
     assert!(oom["actual_mib"] < TARGET_MIB - 64, "{oom:?}");
     assert_eq!(s_oom["oom_kills"], s_before["oom_kills"], "{s_oom:?}");
 
-    let report = EbbReport::parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
-    assert_eq!(report.leaf_pages(), report.resident_pages, "{report:?}");
-    assert_eq!(report.table_bytes, report.min_table_bytes, "{report:?}");
+    check_exit_report(&text);
     eprintln!(
         "ebb_balloon_oom: {gave_back} pages deflated on OOM; run {:.1} s, rig faults {}",
         out.elapsed.as_secs_f64(),

@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ebb_harness::{EbbReport, Job, Rig, RigFault, static_ebb};
+use ebb_harness::{EbbReport, Job, Rig, static_ebb};
 
 #[test]
 fn ebb_boots_debian_runs_integrity_and_touch_and_reports() {
@@ -37,12 +37,7 @@ fn ebb_boots_debian_runs_integrity_and_touch_and_reports() {
     // --hlt-in-guest, or in KVM's internal error 3 (exit 4) with the same pending #PF
     // (docs/ARCHITECTURE.md, "Known flakiness"): rig faults, run again at most twice and said on
     // stderr; three in a row fail the test with each run's evidence.
-    let reruns = rig
-        .l1_reruns("ebb_boot")
-        .on(RigFault::EbbTripleFault)
-        .on(RigFault::EbbKvmInternalError)
-        .on(RigFault::GuestInt3Oops)
-        .max_reruns(2);
+    let reruns = rig.ebb_reruns("ebb_boot");
     let out = rig
         .run_with(
             &Job::program(&ebb, args).timeout(Duration::from_secs(900)),
