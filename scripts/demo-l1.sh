@@ -12,12 +12,8 @@ HOLD=${DEMO_HOLD_SECS:-60}; INFLATE=${DEMO_INFLATE_MIB:-256}
 # (DEMO_REPORTING=1 turns it on; tests/harness/tests/ebb_balloon.rs covers it).
 REPORTING=; [ "${DEMO_REPORTING:-0}" = 1 ] && REPORTING=--balloon-reporting
 G="ebb-guest integrity --mib 128 --hold-secs $HOLD && ebb-guest touch --mib 64"
-rm -f "$S"
-"$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
-    ${EBB_DEMO_FLAGS:---hlt-in-guest} --api-sock "$S" --balloon $REPORTING \
-    --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $G" </dev/null >"$OUT" 2>&1 &
-pid=$!
 . "$D/ebb-l1-lib.sh"
+start_ebb "$G" ${EBB_DEMO_FLAGS:---hlt-in-guest} --balloon $REPORTING
 mib() { echo "$(($1 / 256)).$(( ($1 % 256) * 10 / 256 ))"; }
 show() {
     figures || return 1

@@ -2,8 +2,38 @@
 # the nested test host, or on a host with real VMX/SVM). Sourced by scripts/demo-l1.sh and by the
 # rig tests' scripts (tests/harness/tests/ebb_balloon*.rs); POSIX sh, for L1's busybox.
 #
-# The caller sets CTL (ebb-ctl), S (ebb's API socket), OUT (ebb's console file) and pid (ebb's
-# process id) before calling them.
+# The caller sets E (ebb), CTL (ebb-ctl), S (ebb's API socket) and OUT (ebb's console file);
+# start_ebb sets pid (ebb's process id).
+
+# Starts ebb in the background on the L2 images ($EBB_L2_KERNEL, $EBB_L2_INITRAMFS) with 2 vCPUs,
+# 512 MiB, the API socket $S and its console in $OUT. $1 is the guest command (run by the L2
+# init); the other arguments are more ebb flags.
+start_ebb() {
+    _g=$1
+    shift
+    rm -f "$S"
+    "$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
+        --api-sock "$S" "$@" --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $_g" \
+        </dev/null >"$OUT" 2>&1 &
+    pid=$!
+}
+
+# Ends a rig test's script: waits for ebb, prints its console and EBB-BALLOON-EBB-STATUS, and
+# exits with ebb's status, so the harness sees e.g. a triple fault (3) as the rig fault it is.
+finish() {
+    wait "$pid"
+    _st=$?
+    cat "$OUT"
+    echo "EBB-BALLOON-EBB-STATUS $_st"
+    exit "$_st"
+}
+
+# Fails a rig test's script with an EBB-BALLOON-FAIL line: stops ebb, then finish.
+fail() {
+    echo "EBB-BALLOON-FAIL $*"
+    kill "$pid" 2>/dev/null
+    finish
+}
 
 # The first integer value of JSON key $1 on stdin.
 num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }

@@ -22,15 +22,9 @@ use common::{check_exit_report, checked_snapshots, run_balloon_script};
 /// while the guest runs).
 const SCRIPT: &str = r#"
 E="$EBB_RIG_INPUTS/ebb"; CTL="$EBB_RIG_INPUTS/ebb-ctl"; S=/run/ebb.sock; OUT=/tmp/ebb.out
-G="ebb-guest integrity --mib 128 --hold-secs 75 && ebb-guest hog --mib 192 --hold-secs 8 && sleep 20"
-"$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
-    --hlt-in-guest --api-sock "$S" --balloon --balloon-reporting --balloon-stats-s 2 \
-    --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $G" </dev/null >"$OUT" 2>&1 &
-pid=$!
-# The job ends with ebb's status, so the harness sees a triple fault (3) as the rig fault it is.
-finish() { wait "$pid"; st=$?; cat "$OUT"; echo "EBB-BALLOON-EBB-STATUS $st"; exit "$st"; }
-fail() { echo "EBB-BALLOON-FAIL $*"; kill "$pid" 2>/dev/null; finish; }
 . "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
+start_ebb "ebb-guest integrity --mib 128 --hold-secs 75 && ebb-guest hog --mib 192 --hold-secs 8 && sleep 20" \
+    --hlt-in-guest --balloon --balloon-reporting --balloon-stats-s 2
 wait_for "EBB-INTEGRITY-HOLDING" 120 || fail "the guest never held its pages"
 snap held || fail "API snapshot failed"
 set_target 256 60 || fail "the balloon did not reach 256 MiB in 60 s"

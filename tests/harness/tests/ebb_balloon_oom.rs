@@ -31,15 +31,9 @@ const FILL_MIB: u64 = 192;
 /// `scripts/ebb-l1-lib.sh`.
 const SCRIPT: &str = r#"
 E="$EBB_RIG_INPUTS/ebb"; CTL="$EBB_RIG_INPUTS/ebb-ctl"; S=/run/ebb.sock; OUT=/tmp/ebb.out
-G="ebb-guest integrity --mib 32 --hold-secs 45 && dd if=/dev/zero of=/tmp/fill bs=1M count=$FILL_MIB && echo EBB-OOM-FILLED && sleep 8"
-"$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
-    --hlt-in-guest --api-sock "$S" --balloon --balloon-deflate-on-oom --balloon-stats-s 1 \
-    --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $G" </dev/null >"$OUT" 2>&1 &
-pid=$!
-# The job ends with ebb's status, so the harness sees a triple fault (3) as the rig fault it is.
-finish() { wait "$pid"; st=$?; cat "$OUT"; echo "EBB-BALLOON-EBB-STATUS $st"; exit "$st"; }
-fail() { echo "EBB-BALLOON-FAIL $*"; kill "$pid" 2>/dev/null; finish; }
 . "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
+start_ebb "ebb-guest integrity --mib 32 --hold-secs 45 && dd if=/dev/zero of=/tmp/fill bs=1M count=$FILL_MIB && echo EBB-OOM-FILLED && sleep 8" \
+    --hlt-in-guest --balloon --balloon-deflate-on-oom --balloon-stats-s 1
 wait_for "EBB-INTEGRITY-HOLDING" 120 || fail "the guest never held its pages"
 stats_snap first >/dev/null || fail "GET /balloon/stats failed"
 sleep 2.5
