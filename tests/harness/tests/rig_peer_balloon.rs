@@ -12,10 +12,10 @@ use ebb_harness::{Job, Rig, RigFault};
 /// balloon driven through its QMP socket once the guest holds its pages.
 ///
 /// The inflation waits for the guest to hold its pages and sleep. Inflating while the guest
-/// filled them once lost three attempts in a row to KVM's internal error 3, likely because the
-/// guest's page faults compacted memory and migrated balloon pages: the driver then notifies the
-/// device from inside a user page fault, which this rig cannot run (docs/ARCHITECTURE.md, "Known
-/// flakiness").
+/// filled them once lost three attempts in a row to KVM's internal error 3. The cause is not
+/// confirmed; one candidate is a balloon page migrated by a page fault that compacts memory, so
+/// that the driver notifies the device from inside a user page fault, which this rig cannot run
+/// (docs/ARCHITECTURE.md, "Known flakiness").
 const SCRIPT: &str = r#"
 q=/run/peer-qmp.sock; out=/tmp/peer.out
 rig-peer -s 2000 -T 300 -q "$q" -- ebb-guest integrity --mib 256 --hold-secs 60 >"$out" 2>&1 &
