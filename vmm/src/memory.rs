@@ -315,8 +315,13 @@ impl VmMemory {
             let summary = mm.discard(range).map_err(MemoryError::Tracker)?;
             return Ok(summary.host_bytes_released);
         }
-        // SAFETY: the range was checked to lie inside the live guest mapping; MADV_DONTNEED
-        // on private anonymous memory only drops pages, which read back as zeros.
+        self.dontneed(gpa, len)
+    }
+
+    /// The untracked release of a range already checked by [`check_range`](Self::check_range).
+    fn dontneed(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
+        // SAFETY: the caller checked that the range lies inside the live guest mapping;
+        // MADV_DONTNEED on private anonymous memory only drops pages, which read back as zeros.
         let rc = unsafe {
             libc::madvise(
                 self.ram.host.as_ptr().add(gpa as usize).cast(),
@@ -341,7 +346,7 @@ impl VmMemory {
             }
             let mut bytes = 0;
             for &(gpa, len) in ranges {
-                bytes += self.discard(gpa, len)?;
+                bytes += self.dontneed(gpa, len)?;
             }
             return Ok(bytes);
         };
