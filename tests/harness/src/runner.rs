@@ -149,9 +149,8 @@ impl Rig {
     }
 
     /// The default re-runs: L1's own faults ([`RigFault::L1Oops`], [`RigFault::L1Boot`],
-    /// [`RigFault::L1TripleFault`]), at
-    /// most [`Rig::l1_oops_retries`] times. Tests add their own faults to it with
-    /// [`Reruns::on`].
+    /// [`RigFault::L1TripleFault`]), at most [`Rig::l1_oops_retries`] times. Tests add their
+    /// own faults to it with [`Reruns::on`].
     pub fn l1_reruns(&self, what: impl Into<String>) -> Reruns {
         Reruns::new(what, self.l1_oops_retries)
             .on(RigFault::L1Oops)
@@ -167,6 +166,19 @@ impl Rig {
         self.l1_reruns(what)
             .on(RigFault::EbbTripleFault)
             .on(RigFault::EbbKvmInternalError)
+            .on(RigFault::GuestInt3Oops)
+            .max_reruns(2)
+    }
+
+    /// The re-runs of a job that runs the QEMU peer's guest: [`Rig::l1_reruns`] and the rig
+    /// faults seen in L2 under the peer ([`RigFault::PeerNoBoot`],
+    /// [`RigFault::PeerKvmInternalError`], [`RigFault::PeerStoppedEarly`],
+    /// [`RigFault::GuestInt3Oops`]), at most twice (docs/ARCHITECTURE.md, "Known flakiness").
+    pub fn peer_reruns(&self, what: impl Into<String>) -> Reruns {
+        self.l1_reruns(what)
+            .on(RigFault::PeerNoBoot)
+            .on(RigFault::PeerKvmInternalError)
+            .on(RigFault::PeerStoppedEarly)
             .on(RigFault::GuestInt3Oops)
             .max_reruns(2)
     }

@@ -5,7 +5,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use ebb_harness::{PeerJob, Rig, RigFault};
+use ebb_harness::{PeerJob, Rig};
 
 const INTEGRITY_MIB: u64 = 256;
 
@@ -22,13 +22,7 @@ fn peer_guest_keeps_data_through_churn() {
     let start = Instant::now();
     // Rig faults in the peer's L2 (docs/ARCHITECTURE.md, "Known flakiness") run again, at most
     // twice, said on stderr; a lost page or a failed workload never does.
-    let reruns = rig
-        .l1_reruns("rig_peer")
-        .on(RigFault::PeerNoBoot)
-        .on(RigFault::PeerKvmInternalError)
-        .on(RigFault::PeerStoppedEarly)
-        .on(RigFault::GuestInt3Oops)
-        .max_reruns(2);
+    let reruns = rig.peer_reruns("rig_peer");
     let out = match rig.run_peer_with(&job, &reruns) {
         Ok(o) => o,
         Err(e) => panic!("peer run failed: {e}"),
