@@ -1,6 +1,7 @@
 # Shell helpers for scripts that drive a running ebb over its API socket, where ebb runs (inside
 # the nested test host, or on a host with real VMX/SVM). Sourced by scripts/demo-l1.sh and by the
-# rig tests' scripts (tests/harness/tests/ebb_balloon*.rs); POSIX sh, for L1's busybox.
+# rig tests' scripts (tests/harness/tests/ebb_balloon*.rs; rig_peer_balloon.rs uses wait_for on
+# the QEMU peer's output); POSIX sh, for L1's busybox.
 #
 # The caller sets E (ebb), CTL (ebb-ctl), S (ebb's API socket) and OUT (ebb's console file);
 # start_ebb sets pid (ebb's process id).

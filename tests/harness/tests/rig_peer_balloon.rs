@@ -6,10 +6,11 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use ebb_harness::{Job, Rig, RigFault};
+use ebb_harness::{Job, Rig};
 
 /// Runs in L1: the peer in the background (its output in a file, printed at the end), the
-/// balloon driven through its QMP socket once the guest holds its pages.
+/// balloon driven through its QMP socket once the guest holds its pages (`wait_for` is from
+/// `scripts/ebb-l1-lib.sh`).
 ///
 /// The inflation waits for the guest to hold its pages and sleep. Inflating while the guest
 /// filled them once lost three attempts in a row to KVM's internal error 3. The cause is not
@@ -17,20 +18,17 @@ use ebb_harness::{Job, Rig, RigFault};
 /// that the driver notifies the device from inside a user page fault, which this rig cannot run
 /// (docs/ARCHITECTURE.md, "Known flakiness").
 const SCRIPT: &str = r#"
-q=/run/peer-qmp.sock; out=/tmp/peer.out
-rig-peer -s 2000 -T 300 -q "$q" -- ebb-guest integrity --mib 256 --hold-secs 60 >"$out" 2>&1 &
-peer=$!
-finish() { wait "$peer"; st=$?; cat "$out"; exit "$st"; }
+. "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
+q=/run/peer-qmp.sock; OUT=/tmp/peer.out
+rig-peer -s 2000 -T 300 -q "$q" -- ebb-guest integrity --mib 256 --hold-secs 60 >"$OUT" 2>&1 &
+pid=$!
+# Ends with the peer's status and its whole output.
+peer_finish() { wait "$pid"; st=$?; cat "$OUT"; exit "$st"; }
 # The balloon inflates while the guest holds its pages and sleeps (see the note above).
-i=0
-while ! grep -q '^EBB-INTEGRITY-HOLDING' "$out"; do
-    i=$((i + 1))
-    if [ $i -gt 900 ] || ! kill -0 "$peer" 2>/dev/null; then
-        echo "EBB-PEER-BALLOON-FAIL the guest never held its pages"
-        finish
-    fi
-    sleep 0.2
-done
+if ! wait_for '^EBB-INTEGRITY-HOLDING' 180; then
+    echo "EBB-PEER-BALLOON-FAIL the guest never held its pages"
+    peer_finish
+fi
 ebb-guest qmp --socket "$q" -- '{"execute":"balloon","arguments":{"value":536870912}}'
 i=0
 while [ $i -lt 120 ]; do
@@ -40,12 +38,12 @@ while [ $i -lt 120 ]; do
         rig-sample "$(pidof qemu-system-x86_64)" inflated
         break
     fi
-    kill -0 "$peer" 2>/dev/null || break
+    kill -0 "$pid" 2>/dev/null || break
     sleep 1
     i=$((i + 1))
 done
 ebb-guest qmp --socket "$q" -- '{"execute":"balloon","arguments":{"value":1073741824}}'
-finish
+peer_finish
 "#;
 
 #[test]
@@ -56,16 +54,15 @@ fn balloon_inflate_keeps_guest_data() {
     // either VMM (here QEMU's: "KVM internal error. Suberror: 3", or the guest stops with status
     // shutdown); see docs/ARCHITECTURE.md, "Known flakiness". Such a run is a rig fault: run
     // again at most twice, said on stderr.
-    let reruns = rig
-        .l1_reruns("rig_peer_balloon")
-        .on(RigFault::PeerNoBoot)
-        .on(RigFault::PeerKvmInternalError)
-        .on(RigFault::PeerStoppedEarly)
-        .on(RigFault::GuestInt3Oops)
-        .max_reruns(2);
+    let reruns = rig.peer_reruns("rig_peer_balloon");
     let out = rig
         .run_with(
-            &Job::shell(SCRIPT).timeout(Duration::from_secs(480)),
+            &Job::shell(SCRIPT)
+                .input(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../scripts/ebb-l1-lib.sh"
+                ))
+                .timeout(Duration::from_secs(480)),
             &reruns,
         )
         .unwrap_or_else(|e| panic!("rig run failed: {e}"));
