@@ -31,6 +31,12 @@ pub fn workspace_root() -> PathBuf {
     here.ancestors().nth(2).unwrap_or(here).to_path_buf()
 }
 
+/// `scripts/ebb-l1-lib.sh`: the shell helpers a job's script sources (as
+/// `$EBB_RIG_INPUTS/ebb-l1-lib.sh`) to drive ebb, or to wait on a guest, in L1.
+pub fn l1_shell_lib() -> PathBuf {
+    workspace_root().join("scripts/ebb-l1-lib.sh")
+}
+
 /// The static `ebb` binary that jobs copy into L1: `$EBB_BIN` when set, otherwise built here from
 /// the workspace (release, glibc linked statically, in the separate `--target` directory so the
 /// default build's caches stay valid).

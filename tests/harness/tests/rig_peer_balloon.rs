@@ -6,7 +6,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use ebb_harness::{Job, Rig};
+use ebb_harness::{Job, Rig, l1_shell_lib};
 
 /// Runs in L1: the peer in the background (its output in a file, printed at the end), the
 /// balloon driven through its QMP socket once the guest holds its pages (`wait_for` is from
@@ -58,10 +58,7 @@ fn balloon_inflate_keeps_guest_data() {
     let out = rig
         .run_with(
             &Job::shell(SCRIPT)
-                .input(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../../scripts/ebb-l1-lib.sh"
-                ))
+                .input(l1_shell_lib())
                 .timeout(Duration::from_secs(480)),
             &reruns,
         )

@@ -5,10 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ebb_harness::{EbbReport, Job, Rig, RunOutput, labelled_fields, static_ebb};
-
-/// The shell helpers the scripts source.
-const L1_LIB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/ebb-l1-lib.sh");
+use ebb_harness::{EbbReport, Job, Rig, RunOutput, l1_shell_lib, labelled_fields, static_ebb};
 
 /// Runs `script` in L1 with the static `ebb` and `ebb-ctl` and the shell helpers as inputs
 /// (after the rig faults of ebb's guests, again at most twice), and checks what every balloon
@@ -28,7 +25,7 @@ pub fn run_balloon_script(
     let mut job = Job::shell(script)
         .input(&ebb)
         .input(&ctl)
-        .input(L1_LIB)
+        .input(l1_shell_lib())
         .timeout(timeout);
     for (k, v) in env {
         job = job.env(*k, v.clone());
