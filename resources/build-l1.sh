@@ -8,12 +8,12 @@ need_tool dpkg-deb cpio ldd
 
 GUEST_TOOLS="${1:?usage: build-l1.sh GUEST_TOOLS_BINARY}"
 QEMU_BIN="$(command -v qemu-system-x86_64)" || die "qemu-system-x86_64 is not installed (run resources/setup.sh)"
-for f in bzImage vmlinux l2-initramfs.cpio l2.stamp modules/kvm.ko; do
+for f in bzImage vmlinux l2-initramfs.cpio l2.stamp; do
     [[ -f "$OUT_DIR/$f" ]] || die "$OUT_DIR/$f missing: run build-l2.sh first"
 done
 
 STAMP="$OUT_DIR/l1.stamp"
-stamp="$(stamp_of "$LOCK_FILE" "$RES_DIR/lib.sh" "$0" "$RES_DIR/init-l1.sh" "$RES_DIR"/rig-bin/* \
+stamp="$(stamp_of "$RESOLVED_FILE" "$RES_DIR/lib.sh" "$0" "$RES_DIR/init-l1.sh" "$RES_DIR"/rig-bin/* \
     "$OUT_DIR/l2.stamp" "$QEMU_BIN" "$GUEST_TOOLS")"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$stamp" && -f "$OUT_DIR/l1-initramfs.cpio" ]]; then
     log "L1 initramfs up to date"
@@ -28,7 +28,9 @@ dpkg-deb -x "$bbdeb" "$CACHE_DIR/stage/bb"
 install_busybox "$ROOT" "$CACHE_DIR/stage/bb/usr/bin/busybox"
 rm -rf "$CACHE_DIR/stage/bb"
 
-cp "$OUT_DIR/modules/irqbypass.ko" "$OUT_DIR/modules/kvm.ko" "$OUT_DIR/modules/kvm-amd.ko" "$ROOT/lib/modules/"
+for m in irqbypass kvm kvm-amd; do
+    [[ ! -f "$OUT_DIR/modules/$m.ko" ]] || cp "$OUT_DIR/modules/$m.ko" "$ROOT/lib/modules/"
+done
 cp "$OUT_DIR/bzImage" "$ROOT/l2/bzImage"
 cp "$OUT_DIR/vmlinux" "$ROOT/l2/vmlinux"
 cp "$OUT_DIR/l2-initramfs.cpio" "$ROOT/l2/initramfs.cpio"

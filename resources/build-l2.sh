@@ -14,7 +14,7 @@ if readelf -l "$GUEST_TOOLS" | grep -q 'program interpreter'; then
 fi
 
 STAMP="$OUT_DIR/l2.stamp"
-stamp="$(stamp_of "$LOCK_FILE" "$RES_DIR/lib.sh" "$0" "$RES_DIR/init-l2.sh" "$GUEST_TOOLS")"
+stamp="$(stamp_of "$RESOLVED_FILE" "$RES_DIR/lib.sh" "$0" "$RES_DIR/init-l2.sh" "$GUEST_TOOLS")"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$stamp" && -f "$OUT_DIR/l2-initramfs.cpio" &&
     -f "$OUT_DIR/bzImage" && -f "$OUT_DIR/vmlinux" ]]; then
     log "L2 images up to date"
@@ -26,11 +26,12 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE/kernel" "$STAGE/userland" "$OUT_DIR"
 
 # --- kernel: bzImage, vmlinux, modules ---------------------------------------------------------
-KPKG="$(lock_entries | awk '$1 ~ /^linux-image-/ { print $1; exit }')"
+KPKG="$(lock_entries "$RESOLVED_FILE" | awk '$1 ~ /^linux-image-/ { print $1; exit }')"
 [[ -n "$KPKG" ]] || die "no linux-image package pinned"
 kdeb="$(deb_path "$KPKG")"
 dpkg-deb -x "$kdeb" "$STAGE/kernel"
 KVER="${KPKG#linux-image-}"
+check_kernel_config "$STAGE/kernel/boot/config-$KVER" "$KPKG"
 vmlinuz="$STAGE/kernel/boot/vmlinuz-$KVER"
 [[ -f "$vmlinuz" ]] || die "no /boot/vmlinuz-$KVER in $KPKG"
 cp "$vmlinuz" "$OUT_DIR/bzImage.tmp"
@@ -61,7 +62,11 @@ rm -rf "$OUT_DIR/modules"
 mkdir -p "$OUT_DIR/modules"
 for m in irqbypass kvm kvm-amd kvm-intel virtio_mmio virtio_balloon; do
     src="$(find "$MODDIR" -name "$m.ko.xz" -o -name "$m.ko" | head -1)"
-    [[ -n "$src" ]] || die "module $m not found in $KPKG"
+    if [[ -z "$src" ]]; then
+        # Built into the kernel (the inits load only the modules they find).
+        grep -qx "CONFIG_$(tr 'a-z-' 'A-Z_' <<<"$m")=y" "$STAGE/kernel/boot/config-$KVER" && continue
+        die "module $m not found in $KPKG"
+    fi
     case "$src" in
         *.xz) xz -dc "$src" >"$OUT_DIR/modules/$m.ko" ;;
         *) cp "$src" "$OUT_DIR/modules/$m.ko" ;;
@@ -70,7 +75,7 @@ done
 echo "$KVER" >"$OUT_DIR/kernel-release"
 
 # --- L2 userland: busybox, stress-ng and its libraries, guest tools, init ------------------------
-for p in $(lock_entries | awk '$1 !~ /^linux-image-/ { print $1 }'); do
+for p in $(lock_entries "$RESOLVED_FILE" | awk '$1 !~ /^linux-image-/ { print $1 }'); do
     deb="$(deb_path "$p")"
     dpkg-deb -x "$deb" "$STAGE/userland"
 done
@@ -81,7 +86,9 @@ mkdir -p "$ROOT/usr/bin"
 cp "$STAGE/userland/usr/bin/stress-ng" "$ROOT/usr/bin/stress-ng"
 copy_with_libs "$STAGE/userland" "$STAGE/userland/usr/bin/stress-ng" "$ROOT"
 strip -o "$ROOT/bin/ebb-guest" "$GUEST_TOOLS" 2>/dev/null || cp "$GUEST_TOOLS" "$ROOT/bin/ebb-guest"
-cp "$OUT_DIR/modules/virtio_mmio.ko" "$OUT_DIR/modules/virtio_balloon.ko" "$ROOT/lib/modules/"
+for m in virtio_mmio virtio_balloon; do
+    [[ ! -f "$OUT_DIR/modules/$m.ko" ]] || cp "$OUT_DIR/modules/$m.ko" "$ROOT/lib/modules/"
+done
 cp "$RES_DIR/init-l2.sh" "$ROOT/init"
 chmod 755 "$ROOT/init" "$ROOT/bin/ebb-guest"
 

@@ -1,48 +1,79 @@
 #!/usr/bin/env bash
-# Downloads every package pinned in packages.lock into the cache (once) and checks its sha256 (every time).
+# Brings every package pinned in packages.lock into the download cache (once per machine) and
+# checks its sha256 (every time), then writes the pins in force to $RESOLVED_FILE.
+#
+# A pin whose version has left the archive (a point release, a newer backports kernel) does not
+# stop the set-up: the version the suites offer now is taken instead (apt checks it against the
+# signed index), with one "pin drifted: NAME OLD -> NEW" line on stderr; a kernel image package is
+# replaced by the newest cloud kernel of the same or a later series, and refused if its config
+# lacks what ebb and the rig need. resources/lock-update.sh moves the pins on purpose.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-need_tool apt-get sha256sum
+need_tool apt-get apt-cache dpkg dpkg-deb sha256sum flock
 
-mkdir -p "$DEB_DIR"
-updated=0
-missing=()
+mkdir -p "$DEB_DIR" "$CACHE_DIR"
+# One fetch at a time per download cache (two checkouts may set up at once).
+exec 9>"$DL_DIR/.lock"
+flock 9
+
+cached() { [[ -f "$DEB_DIR/$(basename "$4")" && "$(sha256_of "$DEB_DIR/$(basename "$4")")" == "$3" ]]; }
+
+resolved=()
+missing=0
 while read -r name version sha path; do
-    file="$DEB_DIR/$(basename "$path")"
-    if [[ -f "$file" ]]; then
-        if [[ "$(sha256_of "$file")" == "$sha" ]]; then
-            continue
-        fi
-        log "sha256 mismatch for cached $file: deleting and fetching again"
-        rm -f "$file"
+    if cached "$name" "$version" "$sha" "$path"; then
+        resolved+=("$name $version $sha $path")
+    else
+        resolved+=("? $name $version $sha $path")
+        missing=$((missing + 1))
     fi
-    missing+=("$name|$version|$sha|$file")
 done < <(lock_entries)
 
-if [[ ${#missing[@]} -gt 0 ]]; then
+if [[ $missing -gt 0 ]]; then
     apt_private_update
-    mapfile -t opts < <(apt_private_opts)
+    for i in "${!resolved[@]}"; do
+        read -r mark name version sha path <<<"${resolved[$i]}"
+        [[ "$mark" == "?" ]] || continue
+        resolved[i]=$(resolve_pin "$name" "$version" "$sha" "$path")
+    done
     tmpd="$(mktemp -d "$DEB_DIR/.dl.XXXXXX")"
     trap 'rm -rf "$tmpd"' EXIT
     specs=()
-    for entry in "${missing[@]}"; do
-        IFS='|' read -r name version _ _ <<<"$entry"
-        specs+=("$name=$version")
+    for entry in "${resolved[@]}"; do
+        read -r name version sha path <<<"$entry"
+        cached "$name" "$version" "$sha" "$path" || specs+=("$name=$version")
     done
-    log "downloading ${#specs[@]} pinned packages"
-    if ! (cd "$tmpd" && apt-get "${opts[@]}" -qq download "${specs[@]}" >&2); then
-        die "apt-get download failed: a pinned version may have left the archive; run resources/lock-update.sh and commit the new pins"
+    if [[ ${#specs[@]} -gt 0 ]]; then
+        log "downloading ${#specs[@]} packages"
+        (cd "$tmpd" && papt apt-get -qq download "${specs[@]}" >&2) || die "apt-get download failed"
+        # apt names files by package and version; match them to the pins by sha256 instead.
+        declare -A by_sha=()
+        for f in "$tmpd"/*.deb; do
+            [[ -f "$f" ]] && by_sha["$(sha256_of "$f")"]="$f"
+        done
+        for entry in "${resolved[@]}"; do
+            read -r name version sha path <<<"$entry"
+            cached "$name" "$version" "$sha" "$path" && continue
+            src="${by_sha[$sha]:-}"
+            [[ -n "$src" ]] || die "no downloaded file for $name=$version has the sha256 $sha"
+            mv "$src" "$DEB_DIR/$(basename "$path")"
+        done
     fi
-    # apt names files by package and version; match them to the pins by sha256 instead.
-    declare -A by_sha=()
-    for f in "$tmpd"/*.deb; do
-        [[ -f "$f" ]] && by_sha["$(sha256_of "$f")"]="$f"
-    done
-    for entry in "${missing[@]}"; do
-        IFS='|' read -r name version sha file <<<"$entry"
-        src="${by_sha[$sha]:-}"
-        [[ -n "$src" ]] || die "no downloaded file for $name=$version has the pinned sha256 $sha"
-        mv "$src" "$file"
+    # A kernel that replaces a gone pin is checked before anything is built from it.
+    for entry in "${resolved[@]}"; do
+        read -r name version sha path <<<"$entry"
+        [[ -n "$(kernel_series "$name")" ]] || continue
+        lock_entries | awk -v n="$name" -v v="$version" '$1 == n && $2 == v { f = 1 } END { exit !f }' && continue
+        cfg="$(mktemp)"
+        dpkg-deb --fsys-tarfile "$DEB_DIR/$(basename "$path")" | tar -xO --wildcards './boot/config-*' >"$cfg"
+        (check_kernel_config "$cfg" "$name") || { rm -f "$cfg"; exit 1; }
+        rm -f "$cfg"
     done
 fi
-log "all $(lock_entries | wc -l) pinned packages present and verified"
+
+{
+    echo "# The pins in force, written by resources/fetch.sh from $LOCK_FILE (drifted pins replaced)."
+    printf '%s\n' "${resolved[@]}"
+} >"$RESOLVED_FILE.tmp"
+mv "$RESOLVED_FILE.tmp" "$RESOLVED_FILE"
+log "all ${#resolved[@]} pinned packages present and verified"

@@ -25,6 +25,8 @@ rig_fail() {
 }
 
 for m in irqbypass kvm kvm-amd; do
+    # A module the kernel has built in is not in the initramfs.
+    [ -f "/lib/modules/$m.ko" ] || continue
     insmod "/lib/modules/$m.ko" || rig_fail "insmod $m failed"
 done
 [ -c /dev/kvm ] || rig_fail "no /dev/kvm after loading kvm-amd (does the CPU model have svm?)"

@@ -14,6 +14,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 for m in virtio_mmio virtio_balloon; do
+    [ -f "/lib/modules/$m.ko" ] || continue
     insmod "/lib/modules/$m.ko" || echo "EBB-L2-WARN insmod $m failed"
 done
 

@@ -12,10 +12,16 @@ elif [[ "${EBB_USE_XDG_CACHE:-0}" == 1 ]]; then
 else
     CACHE_DIR="$REPO_DIR/target/ebb-cache"
 fi
-DEB_DIR="$CACHE_DIR/debs"
-APT_DIR="$CACHE_DIR/apt"
 OUT_DIR="$CACHE_DIR/images"
-LOCK_FILE="$RES_DIR/packages.lock"
+LOCK_FILE="${EBB_LOCK_FILE:-$RES_DIR/packages.lock}"
+# Downloads are kept per machine, not per clone, so a second checkout reuses them (each file is
+# checked against its sha256 on every use): $EBB_DOWNLOADS, else $XDG_CACHE_HOME/ebb-downloads.
+DL_DIR="${EBB_DOWNLOADS:-${XDG_CACHE_HOME:-$HOME/.cache}/ebb-downloads}"
+DEB_DIR="$DL_DIR/debs"
+APT_DIR="$DL_DIR/apt"
+# The pins in force for this checkout: packages.lock, with every pin that has left the archive
+# replaced by what the suites offer now (written by fetch.sh, read by deb_path and the stamps).
+RESOLVED_FILE="$CACHE_DIR/packages.resolved"
 
 log() { printf '[ebb-resources] %s\n' "$*" >&2; }
 die() { printf '[ebb-resources] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -45,29 +51,124 @@ apt_private_opts() {
         -o "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false"
 }
 
-# Suites named in the lock file header ("# source: deb <uri> <suite> <component>").
+# Updates the private lists from the suites named in a lock file's header ("# source: deb <uri>
+# <suite> <component>"); $1 = the lock file (default $LOCK_FILE). Debian's suites are checked
+# against Debian's keyring; a source that brings options of its own ("deb [...]") keeps them.
 apt_private_update() {
+    local lock="${1:-$LOCK_FILE}"
     mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/cache/archives/partial"
     : >"$APT_DIR/status"
-    grep '^# source: ' "$LOCK_FILE" | sed 's/^# source: //' |
-        sed 's|^deb |deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] |' \
+    grep '^# source: ' "$lock" | sed 's/^# source: //' |
+        sed '/^deb \[/!s|^deb |deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] |' \
             >"$APT_DIR/sources.list"
-    [[ -s "$APT_DIR/sources.list" ]] || die "no '# source:' lines in $LOCK_FILE"
-    local opts
-    mapfile -t opts < <(apt_private_opts)
+    [[ -s "$APT_DIR/sources.list" ]] || die "no '# source:' lines in $lock"
     log "updating private apt lists ($(wc -l <"$APT_DIR/sources.list") sources)"
-    apt-get "${opts[@]}" -qq update >&2 || die "apt-get update with the private list failed"
+    papt apt-get -qq update >&2 || die "apt-get update with the private list failed"
+}
+
+# Runs an apt command ($1) with the private configuration and the other arguments.
+papt() {
+    local cmd=$1 opts
+    shift
+    mapfile -t opts < <(apt_private_opts)
+    "$cmd" "${opts[@]}" "$@"
 }
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
-# Lock entries: "name version sha256 pool-path", comments skipped.
-lock_entries() { grep -v -e '^#' -e '^[[:space:]]*$' "$LOCK_FILE"; }
+# Entries of a lock file ($1, default $LOCK_FILE): "name version sha256 pool-path", comments skipped.
+lock_entries() { grep -v -e '^#' -e '^[[:space:]]*$' "${1:-$LOCK_FILE}"; }
 
-# Path of the cached .deb for a package name, its sha256 checked against the pin on every use.
+# The entry ("name version sha256 pool-path") the private lists hold for NAME=VERSION, if any.
+offered_entry() {
+    papt apt-cache show "$1=$2" 2>/dev/null | awk -v p="$1" -v v="$2" '
+        /^SHA256: / { s = $2 } /^Filename: / { f = $2 }
+        /^$/ { if (s != "" && f != "") { print p, v, s, f; found = 1; exit } }
+        END { if (!found && s != "" && f != "") print p, v, s, f }'
+}
+
+# The version apt would install of a package (its candidate), if the suites offer one.
+candidate_version() {
+    papt apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { if ($2 != "(none)") print $2; exit }'
+}
+
+# "major.minor" of a Debian cloud kernel image package name (linux-image-6.18.15+deb13-cloud-amd64,
+# linux-image-6.1.0-28-cloud-amd64); nothing for any other package.
+kernel_series() {
+    sed -nE 's/^linux-image-([0-9]+)\.([0-9]+)\.[0-9]+(-[0-9]+)?(\+deb[0-9]+)?-cloud-amd64$/\1.\2/p' <<<"$1"
+}
+
+# "name version" of the newest cloud kernel image the suites offer of series $1 or later.
+newest_cloud_kernel() {
+    local min=$1 best="" best_ver="" n s v
+    for n in $(papt apt-cache pkgnames linux-image- 2>/dev/null | LC_ALL=C sort); do
+        s=$(kernel_series "$n")
+        [[ -n "$s" ]] && dpkg --compare-versions "$s" ge "$min" || continue
+        v=$(candidate_version "$n")
+        [[ -n "$v" ]] || continue
+        if [[ -z "$best" ]] || dpkg --compare-versions "$v" gt "$best_ver"; then
+            best=$n best_ver=$v
+        fi
+    done
+    [[ -n "$best" ]] && echo "$best $best_ver"
+}
+
+# Resolves one pin (name version sha256 pool-path) against the private lists and prints the entry
+# to use: the pin while the suites still offer it, else what they offer now, announced on stderr
+# as "pin drifted: NAME OLD -> NEW". A kernel image package whose pin is gone is replaced by the
+# newest cloud kernel of the same or a later series. A pinned version offered with another sha256
+# is refused: the archive never changes a published file.
+resolve_pin() {
+    local name=$1 ver=$2 sha=$3 path=$4 got series new_name=$1 new_ver=""
+    got=$(offered_entry "$name" "$ver")
+    if [[ -n "$got" ]]; then
+        [[ "$(cut -d' ' -f3 <<<"$got")" == "$sha" ]] ||
+            die "$name $ver is offered with another sha256 than its pin $sha: refusing it"
+        echo "$name $ver $sha $path"
+        return 0
+    fi
+    series=$(kernel_series "$name")
+    if [[ -n "$series" ]]; then
+        read -r new_name new_ver < <(newest_cloud_kernel "$series") ||
+            die "kernel $name $ver has left the archive and no cloud kernel of series $series or later is offered"
+    else
+        new_ver=$(candidate_version "$name")
+        [[ -n "$new_ver" ]] || die "$name $ver has left the archive and the suites offer no $name"
+    fi
+    got=$(offered_entry "$new_name" "$new_ver")
+    [[ -n "$got" ]] || die "$new_name $new_ver has no SHA256 and Filename in the lists"
+    if [[ "$new_name" == "$name" ]]; then
+        printf 'pin drifted: %s %s -> %s\n' "$name" "$ver" "$new_ver" >&2
+    else
+        printf 'pin drifted: %s %s -> %s %s\n' "$name" "$ver" "$new_name" "$new_ver" >&2
+    fi
+    echo "$got"
+}
+
+# Kernel options ebb and the rig need: built in, or built in or a module for what the rig loads.
+KERNEL_NEEDS_BUILTIN=(PT_RECLAIM USERFAULTFD PAGE_REPORTING PVH)
+KERNEL_NEEDS_BUILTIN_OR_MODULE=(KVM KVM_AMD VIRTIO_MMIO VIRTIO_BALLOON)
+
+# Refuses, with one line naming what is missing, a kernel (package $2) whose config file $1 lacks
+# an option ebb or the rig needs.
+check_kernel_config() {
+    local cfg=$1 name=$2 o missing=()
+    [[ -f "$cfg" ]] || die "kernel $name has no config file ($cfg)"
+    for o in "${KERNEL_NEEDS_BUILTIN[@]}"; do
+        grep -qx "CONFIG_$o=y" "$cfg" || missing+=("CONFIG_$o=y")
+    done
+    for o in "${KERNEL_NEEDS_BUILTIN_OR_MODULE[@]}"; do
+        grep -qxE "CONFIG_$o=[ym]" "$cfg" || missing+=("CONFIG_$o=y|m")
+    done
+    [[ ${#missing[@]} -eq 0 ]] || die "kernel $name lacks ${missing[*]}, which ebb and the rig need: refusing it"
+}
+
+# Path of the cached .deb for a package name, its sha256 checked against the resolved pin on every
+# use (fetch.sh writes the resolved pins).
 deb_path() {
     local name="$1" line
-    line="$(lock_entries | awk -v n="$name" '$1 == n { print; exit }')"
+    [[ -f "$RESOLVED_FILE" ]] || die "$RESOLVED_FILE missing: run resources/fetch.sh"
+    line="$(lock_entries "$RESOLVED_FILE" | awk -v n="$name" '$1 == n { print; exit }')"
     [[ -n "$line" ]] || die "package '$name' is not pinned in $LOCK_FILE"
     local file sha
     file="$DEB_DIR/$(basename "$(awk '{print $4}' <<<"$line")")"

@@ -7,13 +7,13 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-KERNEL_PKG="${1:-linux-image-6.18.15+deb13-cloud-amd64}"
+# The kernel image package: $1, else the newest cloud kernel the suites offer.
+KERNEL_PKG="${1:-}"
 SOURCES=(
     "deb http://deb.debian.org/debian trixie main"
     "deb http://deb.debian.org/debian trixie-backports main"
 )
 PACKAGES=(
-    "$KERNEL_PKG"
     busybox-static
     stress-ng
     libacl1 libapparmor1 libbsd0 libc6 libcrypt1 libdrm2 libegl1 libexpat1 libgbm1 libgcc-s1 libgles2
@@ -29,18 +29,14 @@ trap 'rm -f "$tmp"' EXIT
     for s in "${SOURCES[@]}"; do echo "# source: $s"; done
 } >"$tmp"
 cp "$tmp" "$LOCK_FILE.new"
-LOCK_FILE="$LOCK_FILE.new" apt_private_update
-mapfile -t opts < <(apt_private_opts)
-for p in "${PACKAGES[@]}"; do
-    # apt's candidate: the main suite's version unless only backports has the package.
-    ver="$(apt-cache "${opts[@]}" policy "$p" | awk '/Candidate:/ { print $2; exit }')"
-    [[ "$ver" != "(none)" ]] || ver=""
+apt_private_update "$LOCK_FILE.new"
+if [[ -z "$KERNEL_PKG" ]]; then
+    read -r KERNEL_PKG _ < <(newest_cloud_kernel 0) || die "the suites offer no cloud kernel image"
+fi
+for p in "$KERNEL_PKG" "${PACKAGES[@]}"; do
+    ver="$(candidate_version "$p")"
     [[ -n "$ver" ]] || die "package $p not found in the configured suites"
-    apt-cache "${opts[@]}" show "$p=$ver" |
-        awk -v p="$p" -v v="$ver" '
-            /^SHA256: / { s = $2 } /^Filename: / { f = $2 }
-            /^$/ { if (s != "" && f != "") { print p, v, s, f; exit } }
-            END { if (s != "" && f != "") print p, v, s, f }' | head -1 >>"$LOCK_FILE.new"
+    offered_entry "$p" "$ver" >>"$LOCK_FILE.new"
 done
 mv "$LOCK_FILE.new" "$LOCK_FILE"
 log "wrote $LOCK_FILE ($(lock_entries | wc -l) packages)"
