@@ -14,21 +14,34 @@ start=$(date +%s)
 
 step() { printf '\n== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 
-# Runs a cargo test invocation, keeps its output, and adds its "test result:" lines to the summary.
-run_tests() {
+failures="$log_dir/failures.txt"
+: >"$failures"
+
+# Runs a step's command, keeps its output, and notes a failure without stopping: every step runs,
+# and the summary lists what failed.
+run_step() {
     local name=$1; shift
     local out="$log_dir/$name.log"
-    step "cargo test: $name"
+    step "$name"
     set +e
     "$@" 2>&1 | tee "$out"
     local rc=${PIPESTATUS[0]}
     set -e
-    grep -E '^test result:' "$out" | sed "s/^/$name: /" >>"$summary" || true
     if [ "$rc" -ne 0 ]; then
         echo "FAILED: $name (exit $rc)"
-        print_summary
-        exit "$rc"
+        echo "$name: exit $rc" >>"$failures"
     fi
+    return 0
+}
+
+# Runs a cargo test invocation (--no-fail-fast: one failing test binary never hides the others),
+# adds its "test result:" lines to the summary and each failing test's name to the failures.
+run_tests() {
+    local name=$1
+    run_step "$@"
+    local out="$log_dir/$name.log"
+    grep -E '^test result:' "$out" | sed "s/^/$name: /" >>"$summary" || true
+    sed -nE "s/^test (.+) \.\.\. FAILED\$/$name: \1/p" "$out" >>"$failures" || true
 }
 
 print_summary() {
@@ -39,23 +52,28 @@ print_summary() {
     echo
     echo "== summary after $(( $(date +%s) - start ))s"
     cat "$summary"
-    echo "ebb tests: $passed passed, $failed failed, $ignored skipped"
+    if [ -s "$failures" ]; then
+        echo "failed:"
+        sed 's/^/  /' "$failures"
+    fi
+    echo "summary: $passed passed, $failed failed, $ignored skipped"
 }
 
+# Without its images no rig test can run: a failed set-up ends the run here.
 step "set-up: host packages, pinned guest images, static binaries"
 "$repo/resources/setup.sh"
 
-step "format and lints"
-cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+run_step format cargo fmt --all --check
+run_step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 
-run_tests workspace cargo test --workspace --locked --release
+run_tests workspace cargo test --workspace --locked --release --no-fail-fast
 
-step "loom model of the reclaim protocol"
 run_tests loom env RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$repo/target/loom" \
     cargo test -p guest-mm --locked --release --test loom_reclaim
 
-step "benchmark smoke run (quick mode: the benchmarks build and run; numbers come from full runs)"
-EBB_BENCH_QUICK=1 cargo bench -p guest-mm --locked
+# Quick mode: the benchmarks build and run; the numbers come from full runs.
+run_step bench-smoke env EBB_BENCH_QUICK=1 cargo bench -p guest-mm --locked
 
 print_summary
+# A failing step or test fails the run, whatever the counts say.
+[ ! -s "$failures" ]
