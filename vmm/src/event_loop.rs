@@ -106,32 +106,15 @@ impl MutEventSubscriber for StopWatcher {
 
 const STDIN: RawFd = 0;
 
-/// Host stdin to the guest's COM1.
+/// Host stdin to the guest's COM1 (which keeps what the guest is not ready for).
 pub struct StdinInput {
     serial: Arc<Mutex<SerialDevice>>,
-    pending: Vec<u8>,
 }
 
 impl StdinInput {
     /// Feeds `serial`.
     pub fn new(serial: Arc<Mutex<SerialDevice>>) -> Self {
-        StdinInput {
-            serial,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Retries bytes that did not fit the UART FIFO.
-    pub fn flush_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let n = self
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enqueue_input(&self.pending);
-        self.pending.drain(..n);
+        StdinInput { serial }
     }
 }
 
@@ -145,11 +128,10 @@ impl MutEventSubscriber for StdinInput {
             let _ = ops.remove(Events::new_raw(STDIN, EventSet::IN));
             return;
         }
-        // Keep at most 64 KiB waiting; older input beyond that is dropped.
-        if self.pending.len() < 1 << 16 {
-            self.pending.extend_from_slice(&buf[..n as usize]);
-        }
-        self.flush_pending();
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_input(&buf[..n as usize]);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
