@@ -7,12 +7,13 @@
 # $EBB_L2_KERNEL / $EBB_L2_INITRAMFS.
 D=${EBB_RIG_INPUTS:-.}
 E="$D/ebb"; CTL="$D/ebb-ctl"; S=/tmp/ebb-demo.sock; OUT=/tmp/ebb-demo.out
-HOLD=${DEMO_HOLD_SECS:-60}; INFLATE=${DEMO_INFLATE_MIB:-256}
+INFLATE=${DEMO_INFLATE_MIB:-256}
 # Free page reporting is off by default here, so that the inflation's effect stands alone
 # (DEMO_REPORTING=1 turns it on; tests/harness/tests/ebb_balloon.rs covers it).
 REPORTING=; [ "${DEMO_REPORTING:-0}" = 1 ] && REPORTING=--balloon-reporting
-G="ebb-guest integrity --mib 128 --hold-secs $HOLD && ebb-guest touch --mib 64"
 . "$D/ebb-l1-lib.sh"
+# The guest holds its pages until the host has inflated and deflated the balloon (tell_guest).
+G="ebb-guest integrity --mib 128 --wait-console && ebb-guest touch --mib 64"
 start_ebb "$G" ${EBB_DEMO_FLAGS:---hlt-in-guest} --balloon $REPORTING
 mib() { echo "$(($1 / 256)).$(( ($1 % 256) * 10 / 256 ))"; }
 show() {
@@ -22,7 +23,7 @@ show() {
         "$(($(echo "$b" | num bytes_reported) >> 20))"
 }
 step() {
-    if wait_for "EBB-INTEGRITY-HOLDING" 180; then
+    if wait_for "EBB-INTEGRITY-WAITING" 180; then
         show "guest holds 128 MiB of checksums:"
         set_target "$INFLATE" 120 && show "balloon inflated to $INFLATE MiB:"
         set_target 0 120 && show "balloon deflated:"
@@ -31,6 +32,8 @@ step() {
     fi
 }
 step
+tell_guest check
+exec 3>&-
 wait "$pid"; st=$?
 echo "---- guest console and ebb's exit report ----"
 grep -v '^\[' "$OUT"

@@ -5,23 +5,34 @@
 #
 # The caller sets E (ebb), CTL (ebb-ctl), S (ebb's API socket) and OUT (ebb's console file);
 # start_ebb sets pid (ebb's process id).
+#
+# Host and guest are ordered by handshakes, never by sleeps: the guest prints a marker and the
+# host waits for it (wait_for); the host answers with a line on ebb's stdin (tell_guest), which
+# the guest waits for on its console (`ebb-guest wait-line`, or a workload's --wait-console).
 
 # Starts ebb in the background on the L2 images ($EBB_L2_KERNEL, $EBB_L2_INITRAMFS) with 2 vCPUs,
-# 512 MiB, the API socket $S and its console in $OUT. $1 is the guest command (run by the L2
-# init); the other arguments are more ebb flags.
+# 512 MiB, the API socket $S, its console in $OUT and its stdin on a FIFO the script holds open
+# as fd 3 (for tell_guest). $1 is the guest command (run by the L2 init); the other arguments
+# are more ebb flags.
 start_ebb() {
     _g=$1
     shift
-    rm -f "$S"
+    rm -f "$S" "$S.in"
+    mkfifo "$S.in"
     "$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
         --api-sock "$S" "$@" --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $_g" \
-        </dev/null >"$OUT" 2>&1 &
+        <"$S.in" >"$OUT" 2>&1 &
     pid=$!
+    exec 3>"$S.in"
 }
+
+# Sends the line $1 to the guest's console (ebb keeps it until the guest's UART listens).
+tell_guest() { echo "$1" >&3; }
 
 # Ends a rig test's script: waits for ebb, prints its console and EBB-BALLOON-EBB-STATUS, and
 # exits with ebb's status, so the harness sees e.g. a triple fault (3) as the rig fault it is.
 finish() {
+    exec 3>&-
     wait "$pid"
     _st=$?
     cat "$OUT"
@@ -106,9 +117,22 @@ snap() {
         "held=$(echo "$vm" | num held_pages) kept=$(echo "$vm" | num pages_kept)"
 }
 
+# Waits, for at most $1 seconds, until the guest has sent statistics asked for after this call:
+# every GET /balloon/stats asks for fresh ones, and the device counts each answer
+# (stats_updates); the second answer after the start was asked for after it.
+fresh_stats() {
+    _u0=$(api_get /balloon | num stats_updates)
+    _i=0
+    while [ "$(api_get /balloon | num stats_updates)" -lt $((_u0 + 2)) ]; do
+        _i=$((_i + 1))
+        [ $_i -gt $(($1 * 5)) ] && return 1
+        api_get /balloon/stats >/dev/null || return 1
+        sleep 0.2
+    done
+}
+
 # One EBB-BALLOON-STATS line labelled $1: the guest's last statistics (age_ms old) as key=value.
-# Asking also requests fresh ones, so with statistics polled every N seconds a second call after
-# N seconds shows figures taken after the first.
+# Call fresh_stats first for figures taken after a given moment.
 stats_snap() {
     _st=$(api_get /balloon/stats) || return 1
     echo "EBB-BALLOON-STATS label=$1 age_ms=$(echo "$_st" | num age_ms)" \

@@ -40,8 +40,9 @@ pub fn verify_all(m: &Mapping, generation: u64) -> Tally {
 }
 
 /// `integrity --mib N [--passes P] [--hold-secs S] [--churn-mib M] [--churn-secs S]
-/// [--wait-signal] [--thp ..]`: per pass, fill with a new generation, then hold while sleeping,
-/// churning a second mapping, or waiting for SIGUSR1, then verify every page.
+/// [--wait-signal] [--wait-console] [--thp ..]`: per pass, fill with a new generation, then hold
+/// while sleeping, churning a second mapping, or waiting for SIGUSR1 (or, with --wait-console,
+/// for a line on the console; one line ends every pass's wait), then verify every page.
 pub fn integrity(argv: &[String]) -> Result<i32, ToolError> {
     let a = Args::parse(
         argv,
@@ -53,7 +54,7 @@ pub fn integrity(argv: &[String]) -> Result<i32, ToolError> {
             "churn-secs",
             "thp",
         ],
-        &["wait-signal"],
+        &["wait-signal", "wait-console"],
     )?;
     let mib: usize = a.get("mib", 256)?;
     if mib == 0 || mib > (1 << 20) {
@@ -67,8 +68,12 @@ pub fn integrity(argv: &[String]) -> Result<i32, ToolError> {
         return Err(ToolError::Invalid("--passes must be at least 1".into()));
     }
     let thp = thp_arg(&a)?;
-    if a.flag("wait-signal") {
+    let wait = a.flag("wait-signal") || a.flag("wait-console");
+    if wait {
         signal::install();
+    }
+    if a.flag("wait-console") {
+        signal::install_console();
     }
     let mut m = Mapping::new(mib * MIB, thp)?;
     let pages = (m.len() / page_size()) as u64;
@@ -99,7 +104,7 @@ pub fn integrity(argv: &[String]) -> Result<i32, ToolError> {
             println!("EBB-INTEGRITY-HOLDING pass={pass} secs={hold}");
             std::thread::sleep(Duration::from_secs(hold));
         }
-        if a.flag("wait-signal") {
+        if wait {
             println!(
                 "EBB-INTEGRITY-WAITING pid={} pass={pass}",
                 std::process::id()

@@ -4,8 +4,9 @@
 //! ```text
 //! ebb-guest touch     --mib N [--thp never|always|default] [--hold-secs S]
 //! ebb-guest churn     --mib N [--mode chunk|scattered] [--chunk-kib K] [--ops N | --secs S] [--seed X]
-//! ebb-guest hog       --mib N [--hold-secs S] [--release munmap|dontneed] [--after-secs S]
-//! ebb-guest integrity --mib N [--passes P] [--hold-secs S] [--churn-mib M --churn-secs S] [--wait-signal]
+//! ebb-guest hog       --mib N [--hold-secs S] [--release munmap|dontneed] [--after-secs S] [--wait-console]
+//! ebb-guest integrity --mib N [--passes P] [--hold-secs S] [--churn-mib M --churn-secs S] [--wait-signal] [--wait-console]
+//! ebb-guest wait-line                     (wait for a line on the console, print EBB-GUEST-LINE <line>)
 //! ebb-guest qmp       --socket PATH [--timeout-secs S] -- JSON...
 //! ebb-guest lines     [--tee FILE]        (relay stdin to stdout one line per write)
 //! ```
@@ -23,7 +24,7 @@ mod workloads;
 
 use error::ToolError;
 
-const USAGE: &str = "usage: ebb-guest <touch|churn|hog|integrity|qmp|lines> [--option value]... (see the crate docs)";
+const USAGE: &str = "usage: ebb-guest <touch|churn|hog|integrity|qmp|lines|wait-line> [--option value]... (see the crate docs)";
 
 fn run(argv: &[String]) -> Result<i32, ToolError> {
     let Some((cmd, rest)) = argv.split_first() else {
@@ -36,6 +37,14 @@ fn run(argv: &[String]) -> Result<i32, ToolError> {
         "integrity" => integrity::integrity(rest),
         "qmp" => qmp::qmp(rest),
         "lines" => lines::lines(rest),
+        "wait-line" => {
+            let line = signal::read_console_line().map_err(|e| ToolError::Io {
+                what: "read a line from /dev/console".into(),
+                source: e,
+            })?;
+            println!("EBB-GUEST-LINE {line}");
+            Ok(0)
+        }
         other => Err(ToolError::UnknownCommand(other.to_string())),
     }
 }

@@ -225,14 +225,15 @@ pub fn churn(argv: &[String]) -> Result<i32, ToolError> {
     Ok(if st.nonzero == 0 { 0 } else { 1 })
 }
 
-/// `hog --mib N [--hold-secs S] [--release munmap|dontneed] [--after-secs S]`: takes and touches
-/// N MiB, holds it until a signal (SIGUSR1/SIGTERM/SIGINT) or `--hold-secs` (0 = signal only),
-/// gives it back, then waits `--after-secs` (free page reporting runs ~2 s after a free).
+/// `hog --mib N [--hold-secs S] [--release munmap|dontneed] [--after-secs S] [--wait-console]`:
+/// takes and touches N MiB, holds it until a signal (SIGUSR1/SIGTERM/SIGINT), a line on the
+/// console (with --wait-console) or `--hold-secs` (0 = no time limit), gives it back, then waits
+/// `--after-secs` (free page reporting runs ~2 s after a free).
 pub fn hog(argv: &[String]) -> Result<i32, ToolError> {
     let a = Args::parse(
         argv,
         &["mib", "hold-secs", "release", "after-secs", "thp"],
-        &[],
+        &["wait-console"],
     )?;
     let mib = mib_arg(&a, "mib", 256)?;
     let hold: u64 = a.get("hold-secs", 10)?;
@@ -244,6 +245,9 @@ pub fn hog(argv: &[String]) -> Result<i32, ToolError> {
         ));
     }
     signal::install();
+    if a.flag("wait-console") {
+        signal::install_console();
+    }
     let mut m = Mapping::new(mib * MIB, thp_arg(&a)?)?;
     let t = Instant::now();
     let pages = touch_pages(m.as_mut_slice(), page_size(), 0x77);

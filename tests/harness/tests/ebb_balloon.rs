@@ -23,26 +23,32 @@ use common::{check_exit_report, checked_snapshots, run_balloon_script};
 const SCRIPT: &str = r#"
 E="$EBB_RIG_INPUTS/ebb"; CTL="$EBB_RIG_INPUTS/ebb-ctl"; S=/run/ebb.sock; OUT=/tmp/ebb.out
 . "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
-start_ebb "ebb-guest integrity --mib 128 --hold-secs 75 && ebb-guest hog --mib 192 --hold-secs 8 && sleep 20" \
-    --hlt-in-guest --balloon --balloon-reporting --balloon-stats-s 2
-wait_for "EBB-INTEGRITY-HOLDING" 120 || fail "the guest never held its pages"
+# The guest holds its pages until told to check them, holds the hog until told to free it, and
+# stays up until told it may power off.
+G="ebb-guest integrity --mib 128 --wait-console && ebb-guest hog --mib 192 --hold-secs 0 --wait-console"
+G="$G && ebb-guest wait-line"
+start_ebb "$G" --hlt-in-guest --balloon --balloon-reporting --balloon-stats-s 2
+wait_for "EBB-INTEGRITY-WAITING" 120 || fail "the guest never held its pages"
 snap held || fail "API snapshot failed"
 set_target 256 60 || fail "the balloon did not reach 256 MiB in 60 s"
 snap inflated || fail "API snapshot failed"
 set_target 0 60 || fail "the balloon did not deflate to 0 in 60 s"
 snap deflated || fail "API snapshot failed"
+tell_guest check
 wait_for "EBB-RESULT hog phase=held" 150 || fail "the guest never ran hog"
 snap hog || fail "API snapshot failed"
 r0=$(api_get /balloon | num bytes_reported)
+tell_guest free
 wait_for "EBB-RESULT hog phase=released" 60 || fail "hog never released its memory"
+# Free page reporting runs about 2 s after the free: wait until it has reported 100 MiB.
 i=0
-while [ $i -lt 30 ]; do
-    sleep 0.5; i=$((i + 1))
-    r=$(api_get /balloon | num bytes_reported)
-    [ "$r" -ge $((r0 + 100 * 1048576)) ] && break
+until [ "$(api_get /balloon | num bytes_reported)" -ge $((r0 + 100 * 1048576)) ]; do
+    i=$((i + 1))
+    [ $i -gt 300 ] && fail "free page reporting reported less than 100 MiB in 60 s"
+    sleep 0.2
 done
-sleep 1
 snap reported || fail "API snapshot failed"
+tell_guest done
 finish
 "#;
 

@@ -32,23 +32,25 @@ const FILL_MIB: u64 = 192;
 const SCRIPT: &str = r#"
 E="$EBB_RIG_INPUTS/ebb"; CTL="$EBB_RIG_INPUTS/ebb-ctl"; S=/run/ebb.sock; OUT=/tmp/ebb.out
 . "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
-start_ebb "ebb-guest integrity --mib 32 --hold-secs 45 && dd if=/dev/zero of=/tmp/fill bs=1M count=$FILL_MIB && echo EBB-OOM-FILLED && sleep 8" \
-    --hlt-in-guest --balloon --balloon-deflate-on-oom --balloon-stats-s 1
-wait_for "EBB-INTEGRITY-HOLDING" 120 || fail "the guest never held its pages"
-stats_snap first >/dev/null || fail "GET /balloon/stats failed"
-sleep 2.5
+# The guest holds its pages until the balloon is inflated, checks them, fills its tmpfs past what
+# is left, and stays up until told it may power off.
+G="ebb-guest integrity --mib 32 --wait-console && dd if=/dev/zero of=/tmp/fill bs=1M count=$FILL_MIB"
+G="$G && echo EBB-OOM-FILLED && ebb-guest wait-line"
+start_ebb "$G" --hlt-in-guest --balloon --balloon-deflate-on-oom --balloon-stats-s 1
+wait_for "EBB-INTEGRITY-WAITING" 120 || fail "the guest never held its pages"
+fresh_stats 30 || fail "no fresh guest statistics"
 stats_snap before || fail "GET /balloon/stats failed"
 snap held || fail "API snapshot failed"
 set_target "$TARGET_MIB" 60 || fail "the balloon did not reach $TARGET_MIB MiB in 60 s"
 snap inflated || fail "API snapshot failed"
-stats_snap first >/dev/null || fail "GET /balloon/stats failed"
-sleep 2.5
+fresh_stats 30 || fail "no fresh guest statistics"
 stats_snap inflated || fail "GET /balloon/stats failed"
+tell_guest fill
 wait_for "^EBB-OOM-FILLED" 150 || fail "the guest never finished writing its file"
 snap oom || fail "API snapshot failed"
-stats_snap first >/dev/null || fail "GET /balloon/stats failed"
-sleep 2.5
+fresh_stats 30 || fail "no fresh guest statistics"
 stats_snap oom || fail "GET /balloon/stats failed"
+tell_guest done
 finish
 "#;
 

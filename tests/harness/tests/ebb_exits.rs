@@ -4,9 +4,15 @@
 
 use std::time::Duration;
 
-use ebb_harness::{Job, Rig, RigFault, static_ebb};
+use ebb_harness::{Job, Rig, RigFault, l1_shell_lib, static_ebb};
 
+/// Host and guest are ordered by handshakes, never by sleeps: SIGTERM goes to ebb once its guest
+/// says it runs, and the host types into ebb's stdin (a FIFO) once the guest says it is about to
+/// read. The markers are computed in the guest (`$((40+2))`), so the command line the guest's init
+/// echoes never matches them. ebb holds input until the guest's UART listens (devices/serial.rs),
+/// so typing early would also arrive; the handshake keeps the test about the console, not timing.
 const SCRIPT: &str = r#"
+. "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
 E=./ebb; K=$EBB_L2_KERNEL; I=$EBB_L2_INITRAMFS
 C="console=ttyS0 reboot=k panic=-1 quiet"
 $E --pvh --no-track --kernel $EBB_L2_VMLINUX --initrd $I --vcpus 2 --memory-mib 256 --cmdline "$C -- echo pvh-cpus=\$(grep -c ^processor /proc/cpuinfo)"
@@ -15,11 +21,21 @@ $E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- reboot -
 echo "EXIT reset=$?"
 $E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- echo c > /proc/sysrq-trigger"
 echo "EXIT panic=$?"
-$E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- sleep 300" & p=$!
-sleep 15; kill -TERM $p; wait $p
-echo "EXIT sigterm=$?"
-(sleep 12; echo typed-into-ebb) | $E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- read x < /dev/console; echo console-got=\$x"
-echo "EXIT stdin=$?"
+OUT=/tmp/sigterm.out
+$E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- echo SIGTERM-READY-\$((40+2)); sleep 300" >$OUT 2>&1 & pid=$!
+wait_for SIGTERM-READY-42 300 || echo "HANDSHAKE-FAILED sigterm"
+kill -TERM $pid; wait $pid; st=$?
+cat $OUT
+echo "EXIT sigterm=$st"
+OUT=/tmp/stdin.out; mkfifo /tmp/stdin.fifo
+$E --no-track --kernel $K --initrd $I --memory-mib 256 --cmdline "$C -- echo STDIN-READY-\$((40+2)); read x < /dev/console; echo console-got=\$x" </tmp/stdin.fifo >$OUT 2>&1 & pid=$!
+exec 3>/tmp/stdin.fifo
+wait_for STDIN-READY-42 300 || echo "HANDSHAKE-FAILED stdin"
+echo typed-into-ebb >&3
+wait $pid; st=$?
+exec 3>&-
+cat $OUT
+echo "EXIT stdin=$st"
 "#;
 
 #[test]
@@ -36,11 +52,13 @@ fn ebb_pvh_reset_panic_signal_and_stdin() {
         .run_with(
             &Job::shell(SCRIPT)
                 .input(&ebb)
+                .input(l1_shell_lib())
                 .timeout(Duration::from_secs(600)),
             &reruns,
         )
         .unwrap_or_else(|e| panic!("rig run failed: {e}"));
     let text = out.output_text();
+    assert!(!text.contains("HANDSHAKE-FAILED"), "{text}");
     for (what, want) in [
         ("pvh", 0),
         ("reset", 0),

@@ -12,6 +12,10 @@ use ebb_harness::{Job, Rig, l1_shell_lib};
 /// balloon driven through its QMP socket once the guest holds its pages (`wait_for` is from
 /// `scripts/ebb-l1-lib.sh`).
 ///
+/// Host and guest are ordered by handshakes: the guest prints `EBB-INTEGRITY-WAITING` once its
+/// pages are written and checks them when a line arrives on its console (the peer's stdin, a
+/// FIFO held open as fd 3), which the host sends after the deflation.
+///
 /// The inflation waits for the guest to hold its pages and sleep. Inflating while the guest
 /// filled them once lost three attempts in a row to KVM's internal error 3. The cause is not
 /// confirmed; one candidate is a balloon page migrated by a page fault that compacts memory, so
@@ -20,12 +24,14 @@ use ebb_harness::{Job, Rig, l1_shell_lib};
 const SCRIPT: &str = r#"
 . "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
 q=/run/peer-qmp.sock; OUT=/tmp/peer.out
-rig-peer -s 2000 -T 300 -q "$q" -- ebb-guest integrity --mib 256 --hold-secs 60 >"$OUT" 2>&1 &
+mkfifo /tmp/peer.in
+rig-peer -s 2000 -T 300 -q "$q" -i /tmp/peer.in -- ebb-guest integrity --mib 256 --wait-console >"$OUT" 2>&1 &
 pid=$!
+exec 3>/tmp/peer.in
 # Ends with the peer's status and its whole output.
-peer_finish() { wait "$pid"; st=$?; cat "$OUT"; exit "$st"; }
+peer_finish() { exec 3>&-; wait "$pid"; st=$?; cat "$OUT"; exit "$st"; }
 # The balloon inflates while the guest holds its pages and sleeps (see the note above).
-if ! wait_for '^EBB-INTEGRITY-HOLDING' 180; then
+if ! wait_for '^EBB-INTEGRITY-WAITING' 180; then
     echo "EBB-PEER-BALLOON-FAIL the guest never held its pages"
     peer_finish
 fi
@@ -43,6 +49,7 @@ while [ $i -lt 120 ]; do
     i=$((i + 1))
 done
 ebb-guest qmp --socket "$q" -- '{"execute":"balloon","arguments":{"value":1073741824}}'
+echo check >&3
 peer_finish
 "#;
 
