@@ -6,6 +6,7 @@
 #   EBB-RIG-BEGIN                             the job starts; its stdout and stderr follow
 #   EBB-RIG-SAMPLE label=.. pid=.. comm=.. t_ms=.. VmRSS=.. VmPTE=.. SecPageTables=.. PageTables=..
 #   EBB-RIG-L1-OOPS <message>                 L1's own kernel oopsed (the harness stops the run)
+#   EBB-RIG-L1-LOCKUP <message>               L1's kernel saw a CPU stuck (soft lockup, RCU stall)
 #   EBB-RIG-END status=N                      the job's exit status
 #   EBB-RIG-MEMINFO SecPageTables=N PageTables=N   (kB, after /proc/sys/vm/stat_refresh)
 #   EBB-RIG-DONE
@@ -36,6 +37,11 @@ echo "EBB-RIG-KVM ok npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
 # (MADV_HUGEPAGE), as ebb's tracked guest RAM (a memfd) does. Debian's default is "never".
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null ||
     echo "EBB-RIG-WARN cannot set transparent_hugepage/shmem_enabled"
+
+# Print kernel messages of the default level (4) on the console despite "quiet": a soft lockup's
+# module list and the stuck task's stack are printed at that level, and they are the evidence
+# (and how the harness tells L1's reports from the L2 guest's when L1's user space is stuck).
+echo 5 > /proc/sys/kernel/printk
 
 [ -f /rig/job/cmd ] || rig_fail "no job: /rig/job/cmd missing (the harness appends it)"
 export EBB_L2_KERNEL=/l2/bzImage EBB_L2_VMLINUX=/l2/vmlinux EBB_L2_INITRAMFS=/l2/initramfs.cpio

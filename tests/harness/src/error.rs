@@ -53,6 +53,10 @@ pub enum RigError {
     /// cross-modified kernel code); the run was stopped.
     #[error("L1 kernel oops: {message}; last console lines:\n{tail}")]
     L1Oops { message: String, tail: String },
+    /// L1's kernel reported a CPU stuck (a soft lockup or an RCU stall); the run was stopped
+    /// seconds after the first report instead of waiting for its timeout.
+    #[error("L1 kernel lockup: {message}; last console lines:\n{tail}")]
+    L1Lockup { message: String, tail: String },
     /// L1's emulated CPU triple-faulted (QEMU's log says "Triple fault"); with `-no-reboot` QEMU
     /// then exits with status 0, in the middle of the job.
     #[error("L1 triple-faulted (QEMU's log); last console lines:\n{tail}")]

@@ -76,17 +76,46 @@ pub struct Transcript {
     pub peer_errors: Vec<String>,
     /// From `EBB-RIG-L1-OOPS`, or from L1's own oops report on the console: L1's kernel oopsed.
     pub l1_oops: Option<String>,
-    /// The last kernel `Oops:`/`BUG:` line seen, until a module list tells whose kernel it was.
-    last_oops_line: Option<String>,
+    /// From `EBB-RIG-L1-LOCKUP`, or from L1's own report on the console: L1's kernel saw a CPU
+    /// stuck (a soft lockup or an RCU stall).
+    pub l1_lockup: Option<String>,
+    /// The last kernel report's opening line seen, until a line naming a module only L1 has
+    /// tells whose kernel it was.
+    last_report: Option<(KernelReport, String)>,
 }
 
-/// Modules that only L1 loads: an oops report listing one of them is L1's, not the L2 guest's
-/// (whose kernel output reaches the same console through the VMM's serial port).
+/// What a kernel report on the console is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelReport {
+    /// `Oops:`, `BUG:` (not a soft lockup), `general protection fault`.
+    Oops,
+    /// `BUG: soft lockup`, or an RCU stall (`detected stall`, `self-detected stall`).
+    Lockup,
+}
+
+/// A module that only L1 loads: a report listing it ("Modules linked in:") or with a stack frame
+/// in it (`[kvm_amd]`) is L1's, not the L2 guest's (whose kernel output reaches the same console
+/// through the VMM's serial port).
 const L1_ONLY_MODULE: &str = "kvm_amd";
 
-/// Whether a console line opens a kernel oops report (a `WARNING:` is not one).
-fn opens_oops(line: &str) -> bool {
-    line.contains("Oops: ") || line.contains("BUG: ") || line.contains("general protection fault")
+/// The kind of kernel report a console line opens, if any (a `WARNING:` opens none).
+fn opens_report(line: &str) -> Option<KernelReport> {
+    if line.contains("BUG: soft lockup") || line.contains("detected stall") {
+        Some(KernelReport::Lockup)
+    } else if line.contains("Oops: ")
+        || line.contains("BUG: ")
+        || line.contains("general protection fault")
+    {
+        Some(KernelReport::Oops)
+    } else {
+        None
+    }
+}
+
+/// Whether a console line inside a kernel report shows it is L1's.
+fn names_l1_module(line: &str) -> bool {
+    line.contains(L1_ONLY_MODULE)
+        && (line.contains("Modules linked in:") || line.contains(&format!("[{L1_ONLY_MODULE}]")))
 }
 
 fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
@@ -127,16 +156,18 @@ impl Transcript {
     /// Feeds one console line (without its line ending).
     pub fn feed(&mut self, raw: &str) {
         let line = raw.trim_end_matches('\r');
-        // L1's in-guest watcher may never run once L1's scheduler itself is hit, so L1's oops
-        // report is also recognised on the console: an oops line followed by a module list that
-        // only L1 has.
-        if opens_oops(line) {
-            self.last_oops_line = Some(line.trim().to_string());
-        } else if line.contains("Modules linked in:")
-            && line.contains(L1_ONLY_MODULE)
-            && let Some(oops) = self.last_oops_line.take()
+        // L1's in-guest watcher may never run once L1's scheduler itself is hit (a lockup on
+        // every CPU), so L1's reports are also recognised on the console: an opening line
+        // followed by a module list or a stack frame that only L1 has.
+        if let Some(kind) = opens_report(line) {
+            self.last_report = Some((kind, line.trim().to_string()));
+        } else if names_l1_module(line)
+            && let Some((kind, first)) = self.last_report.take()
         {
-            self.l1_oops.get_or_insert(oops);
+            match kind {
+                KernelReport::Oops => self.l1_oops.get_or_insert(first),
+                KernelReport::Lockup => self.l1_lockup.get_or_insert(first),
+            };
         }
         if let Some(r) = after(line, "EBB-RIG-SAMPLE ") {
             let m = kv_pairs(r);
@@ -153,6 +184,10 @@ impl Transcript {
         }
         if let Some(r) = after(line, "EBB-RIG-L1-OOPS ") {
             self.l1_oops.get_or_insert_with(|| r.to_string());
+            return;
+        }
+        if let Some(r) = after(line, "EBB-RIG-L1-LOCKUP ") {
+            self.l1_lockup.get_or_insert_with(|| r.to_string());
             return;
         }
         if let Some(r) = after(line, "EBB-RIG-KVM ") {
@@ -276,6 +311,51 @@ EBB-RIG-DONE\r
             "[ 9.0] WARNING: CPU: 0 at x\n[ 9.0] Modules linked in: kvm_amd kvm irqbypass\n",
         );
         assert_eq!(warn.l1_oops, None);
+    }
+
+    #[test]
+    fn l1_lockups_are_recognised_by_the_watcher_and_on_the_console() {
+        let w = Transcript::parse(
+            "EBB-RIG-BEGIN
+EBB-RIG-L1-LOCKUP watchdog: BUG: soft lockup - CPU#1 stuck for 22s! \
+             [vcpu1:168]
+",
+        );
+        assert!(w.l1_lockup.as_deref().unwrap().contains("CPU#1 stuck"));
+        assert_eq!(w.l1_oops, None);
+        // On the console, with the module list L1's raised log level prints.
+        let soft = Transcript::parse(
+            "EBB-RIG-BEGIN
+[ 48.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [vcpu1:168]
+\
+             [ 48.1] Modules linked in: kvm_amd kvm irqbypass
+[ 48.1] RIP: 0010:svm_vcpu_run
+",
+        );
+        assert_eq!(
+            soft.l1_lockup.as_deref(),
+            Some("[ 48.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [vcpu1:168]")
+        );
+        assert_eq!(soft.l1_oops, None, "a soft lockup is not an oops");
+        // An RCU stall has no module list; a stack frame in kvm_amd names L1.
+        let rcu = Transcript::parse(
+            "[ 50.0] rcu: INFO: rcu_preempt self-detected stall on CPU
+\
+             [ 50.0] rcu: \t1-....: (21000 ticks this GP)
+\
+             [ 50.0]  svm_vcpu_run+0x1f0/0x7a0 [kvm_amd]
+",
+        );
+        assert!(rcu.l1_lockup.as_deref().unwrap().contains("self-detected stall"));
+        // The L2 guest's stall (relayed by the VMM) has no L1 module in it.
+        let l2 = Transcript::parse(
+            "[ 7.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:
+\
+             [ 7.0] Modules linked in: virtio_balloon virtio_mmio
+[ 7.0]  schedule+0x1/0x2
+",
+        );
+        assert_eq!((l2.l1_lockup, l2.l1_oops), (None, None));
     }
 
     #[test]

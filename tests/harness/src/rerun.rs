@@ -37,6 +37,9 @@ const EVIDENCE_LINES: usize = 40;
 pub enum RigFault {
     /// L1's kernel oopsed during the run (TCG running kernel text that patches itself).
     L1Oops,
+    /// L1's kernel reported a CPU stuck: a soft lockup or an RCU stall (seen with ebb's vCPU
+    /// thread stuck for minutes; the report's stack is the evidence).
+    L1Lockup,
     /// L1 never reached the job: the console ended before `EBB-RIG-KVM` (an oops while L1 boots,
     /// before kvm_amd is loaded, looks like this).
     L1Boot,
@@ -63,8 +66,9 @@ pub enum RigFault {
 
 impl RigFault {
     /// Every known fault, in detection order.
-    pub const ALL: [RigFault; 9] = [
+    pub const ALL: [RigFault; 10] = [
         RigFault::L1Oops,
+        RigFault::L1Lockup,
         RigFault::L1Boot,
         RigFault::L1TripleFault,
         RigFault::EbbTripleFault,
@@ -79,6 +83,7 @@ impl RigFault {
     pub fn name(self) -> &'static str {
         match self {
             RigFault::L1Oops => "L1 kernel oops",
+            RigFault::L1Lockup => "L1 kernel lockup",
             RigFault::L1Boot => "L1 did not boot",
             RigFault::L1TripleFault => "L1 triple fault",
             RigFault::EbbTripleFault => "L2 triple fault under ebb",
@@ -94,7 +99,8 @@ impl RigFault {
     /// last output or console lines).
     pub fn detect(self, outcome: &Result<RunOutput, RigError>) -> Option<String> {
         match (self, outcome) {
-            (RigFault::L1Oops, Err(RigError::L1Oops { message, tail })) => {
+            (RigFault::L1Oops, Err(RigError::L1Oops { message, tail }))
+            | (RigFault::L1Lockup, Err(RigError::L1Lockup { message, tail })) => {
                 Some(format!("{message}\n{tail}"))
             }
             (

@@ -148,12 +148,13 @@ impl Rig {
         self.run_with(job, &self.l1_reruns("rig job"))
     }
 
-    /// The default re-runs: L1's own faults ([`RigFault::L1Oops`], [`RigFault::L1Boot`],
-    /// [`RigFault::L1TripleFault`]), at most [`Rig::l1_oops_retries`] times. Tests add their
-    /// own faults to it with [`Reruns::on`].
+    /// The default re-runs: L1's own faults ([`RigFault::L1Oops`], [`RigFault::L1Lockup`],
+    /// [`RigFault::L1Boot`], [`RigFault::L1TripleFault`]), at most [`Rig::l1_oops_retries`]
+    /// times. Tests add their own faults to it with [`Reruns::on`].
     pub fn l1_reruns(&self, what: impl Into<String>) -> Reruns {
         Reruns::new(what, self.l1_oops_retries)
             .on(RigFault::L1Oops)
+            .on(RigFault::L1Lockup)
             .on(RigFault::L1Boot)
             .on(RigFault::L1TripleFault)
     }
@@ -212,6 +213,12 @@ impl Rig {
         let elapsed = start.elapsed();
         if let Some(message) = t.l1_oops.clone() {
             return Err(RigError::L1Oops {
+                message,
+                tail: tail(&console),
+            });
+        }
+        if let Some(message) = t.l1_lockup.clone() {
+            return Err(RigError::L1Lockup {
                 message,
                 tail: tail(&console),
             });
@@ -411,7 +418,9 @@ impl Rig {
                         eprintln!("{line}");
                     }
                     console.push(line);
-                    if oops_deadline.is_none() && console.transcript.l1_oops.is_some() {
+                    let t = &console.transcript;
+                    if oops_deadline.is_none() && (t.l1_oops.is_some() || t.l1_lockup.is_some())
+                    {
                         oops_deadline = Some(Instant::now() + OOPS_GRACE);
                     }
                 }

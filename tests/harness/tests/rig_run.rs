@@ -124,3 +124,37 @@ fn l1_kernel_oops_stops_the_run() {
         "stopped soon after the oops"
     );
 }
+
+#[test]
+fn l1_kernel_lockup_stops_the_run_within_seconds() {
+    let mut rig = rig();
+    if rig.mode != Mode::Nested {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"l1_kernel_lockup_stops_the_run_within_seconds: skipped: host mode has no L1 kernel\n",
+        );
+        return;
+    }
+    rig.l1_oops_retries = 0;
+    let start = Instant::now();
+    // The line L1's watchdog prints for a CPU stuck in the kernel.
+    let err = rig
+        .run(
+            &Job::shell(
+                "echo 'watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [rig-test:1]' \
+                 > /dev/kmsg; sleep 600",
+            )
+            .timeout(Duration::from_secs(300)),
+        )
+        .unwrap_err();
+    let RigError::RigFaults(RigFaultError::EveryAttempt { attempts, .. }) = &err else {
+        panic!("expected a rig fault on every attempt, got {err}");
+    };
+    assert_eq!(attempts.len(), 1, "no re-run when none is allowed");
+    assert_eq!(attempts[0].fault, RigFault::L1Lockup);
+    assert!(attempts[0].evidence.contains("CPU#1 stuck"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(200),
+        "stopped soon after the report"
+    );
+}
