@@ -28,12 +28,15 @@ mkdir -p "$STAGE/kernel" "$STAGE/userland" "$OUT_DIR"
 # --- kernel: bzImage, vmlinux, modules ---------------------------------------------------------
 KPKG="$(lock_entries "$RESOLVED_FILE" | awk '$1 ~ /^linux-image-/ { print $1; exit }')"
 [[ -n "$KPKG" ]] || die "no linux-image package pinned"
-kdeb="$(deb_path "$KPKG")"
-dpkg-deb -x "$kdeb" "$STAGE/kernel"
 KVER="${KPKG#linux-image-}"
-check_kernel_config "$STAGE/kernel/boot/config-$KVER" "$KPKG"
-vmlinuz="$STAGE/kernel/boot/vmlinuz-$KVER"
-[[ -f "$vmlinuz" ]] || die "no /boot/vmlinuz-$KVER in $KPKG"
+# The image package and, for kernels that come in parts, its parts (their names carry the release).
+for p in $(lock_entries "$RESOLVED_FILE" | awk -v r="$KVER" '$1 ~ /^linux-/ && index($1, r) { print $1 }'); do
+    dpkg-deb -x "$(deb_path "$p")" "$STAGE/kernel"
+done
+KCONFIG="$(kernel_file "$STAGE/kernel" "$KVER" config)"
+check_kernel_config "$KCONFIG" "$KPKG"
+vmlinuz="$(kernel_file "$STAGE/kernel" "$KVER" vmlinuz)"
+[[ -f "$vmlinuz" ]] || die "no vmlinuz for $KVER in $KPKG or its parts"
 cp "$vmlinuz" "$OUT_DIR/bzImage.tmp"
 
 # The compressed payload's place comes from the boot protocol header: setup_sects at 0x1f1,
@@ -64,7 +67,7 @@ for m in irqbypass kvm kvm-amd kvm-intel virtio_mmio virtio_balloon; do
     src="$(find "$MODDIR" -name "$m.ko.xz" -o -name "$m.ko" | head -1)"
     if [[ -z "$src" ]]; then
         # Built into the kernel (the inits load only the modules they find).
-        grep -qx "CONFIG_$(tr 'a-z-' 'A-Z_' <<<"$m")=y" "$STAGE/kernel/boot/config-$KVER" && continue
+        grep -qx "CONFIG_$(tr 'a-z-' 'A-Z_' <<<"$m")=y" "$KCONFIG" && continue
         die "module $m not found in $KPKG"
     fi
     case "$src" in
@@ -75,7 +78,7 @@ done
 echo "$KVER" >"$OUT_DIR/kernel-release"
 
 # --- L2 userland: busybox, stress-ng and its libraries, guest tools, init ------------------------
-for p in $(lock_entries "$RESOLVED_FILE" | awk '$1 !~ /^linux-image-/ { print $1 }'); do
+for p in $(lock_entries "$RESOLVED_FILE" | awk -v r="$KVER" '!($1 ~ /^linux-/ && index($1, r)) { print $1 }'); do
     deb="$(deb_path "$p")"
     dpkg-deb -x "$deb" "$STAGE/userland"
 done

@@ -16,7 +16,15 @@ mkdir -p "$DEB_DIR" "$CACHE_DIR"
 exec 9>"$DL_DIR/.lock"
 flock 9
 
-cached() { [[ -f "$DEB_DIR/$(basename "$4")" && "$(sha256_of "$DEB_DIR/$(basename "$4")")" == "$3" ]]; }
+# Whether the download cache holds the package NAME VERSION SHA256 POOL-PATH: the file is there,
+# has the sha256, and is that package at that version (a lock edited by hand may name a version
+# with another version's hash).
+cached() {
+    local f
+    f="$DEB_DIR/$(basename "$4")"
+    [[ -f "$f" && "$(sha256_of "$f")" == "$3" &&
+        "$(dpkg-deb --show --showformat='${Package} ${Version}' "$f")" == "$1 $2" ]]
+}
 
 resolved=()
 missing=0
@@ -35,6 +43,14 @@ if [[ $missing -gt 0 ]]; then
         read -r mark name version sha path <<<"${resolved[$i]}"
         [[ "$mark" == "?" ]] || continue
         resolved[i]=$(resolve_pin "$name" "$version" "$sha" "$path")
+        # A kernel that replaces a gone pin may come in parts (Debian's 7.x kernels: image,
+        # base, binary, modules); the parts come with it, at its exact version.
+        read -r name version _ <<<"${resolved[$i]}"
+        [[ -n "$(kernel_series "$name")" ]] || continue
+        while read -r part; do
+            printf '%s\n' "${resolved[@]}" | awk -v n="${part%% *}" '$1 == n || $2 == n { f = 1 } END { exit !f }' ||
+                resolved+=("$part")
+        done < <(kernel_parts "$name" "$version")
     done
     tmpd="$(mktemp -d "$DEB_DIR/.dl.XXXXXX")"
     trap 'rm -rf "$tmpd"' EXIT
@@ -60,15 +76,27 @@ if [[ $missing -gt 0 ]]; then
         done
     fi
     # A kernel that replaces a gone pin is checked before anything is built from it.
+    kernel_debs=()
+    drifted_kernel=0
     for entry in "${resolved[@]}"; do
         read -r name version sha path <<<"$entry"
-        [[ -n "$(kernel_series "$name")" ]] || continue
-        lock_entries | awk -v n="$name" -v v="$version" '$1 == n && $2 == v { f = 1 } END { exit !f }' && continue
-        cfg="$(mktemp)"
-        dpkg-deb --fsys-tarfile "$DEB_DIR/$(basename "$path")" | tar -xO --wildcards './boot/config-*' >"$cfg"
-        (check_kernel_config "$cfg" "$name") || { rm -f "$cfg"; exit 1; }
-        rm -f "$cfg"
+        [[ "$name" == linux-* ]] || continue
+        kernel_debs+=("$DEB_DIR/$(basename "$path")")
+        if [[ -n "$(kernel_series "$name")" ]] &&
+            ! lock_entries | awk -v n="$name" -v v="$version" '$1 == n && $2 == v { f = 1 } END { exit !f }'; then
+            drifted_kernel=1
+            kernel_name=$name
+        fi
     done
+    if [[ $drifted_kernel == 1 ]]; then
+        cfg="$(mktemp -d)"
+        for deb in "${kernel_debs[@]}"; do
+            dpkg-deb -x "$deb" "$cfg" 2>/dev/null || die "cannot unpack $deb"
+        done
+        (check_kernel_config "$(kernel_file "$cfg" "${kernel_name#linux-image-}" config)" "$kernel_name") ||
+            { rm -rf "$cfg"; exit 1; }
+        rm -rf "$cfg"
+    fi
 fi
 
 {

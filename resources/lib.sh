@@ -18,10 +18,17 @@ LOCK_FILE="${EBB_LOCK_FILE:-$RES_DIR/packages.lock}"
 # checked against its sha256 on every use): $EBB_DOWNLOADS, else $XDG_CACHE_HOME/ebb-downloads.
 DL_DIR="${EBB_DOWNLOADS:-${XDG_CACHE_HOME:-$HOME/.cache}/ebb-downloads}"
 DEB_DIR="$DL_DIR/debs"
-APT_DIR="$DL_DIR/apt"
-# The pins in force for this checkout: packages.lock, with every pin that has left the archive
-# replaced by what the suites offer now (written by fetch.sh, read by deb_path and the stamps).
-RESOLVED_FILE="$CACHE_DIR/packages.resolved"
+
+# Selects the lock file the other helpers work on: LOCK_FILE; APT_DIR, its private apt lists (one
+# set per lock file, as each names its own suites); RESOLVED_FILE, the pins in force for this
+# checkout: the lock's, with every pin that has left the archive replaced by what the suites
+# offer now (written by fetch.sh, read by deb_path and the stamps).
+use_lock() {
+    LOCK_FILE=$1
+    APT_DIR="$DL_DIR/apt/$(basename "$LOCK_FILE" .lock)"
+    RESOLVED_FILE="$CACHE_DIR/$(basename "$LOCK_FILE" .lock).resolved"
+}
+use_lock "$LOCK_FILE"
 
 log() { printf '[ebb-resources] %s\n' "$*" >&2; }
 die() { printf '[ebb-resources] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -143,6 +150,29 @@ resolve_pin() {
         printf 'pin drifted: %s %s -> %s %s\n' "$name" "$ver" "$new_name" "$new_ver" >&2
     fi
     echo "$got"
+}
+
+# The entries of the packages a kernel image package NAME VERSION is made of besides itself: its
+# dependencies at exactly VERSION whose names carry its release (linux-base-R, linux-binary-R,
+# linux-modules-R in Debian's 7.x kernels; none in 6.x, whose image package holds everything).
+kernel_parts() {
+    local name=$1 version=$2 release=${1#linux-image-} dep
+    for dep in $(papt apt-cache show "$name=$version" 2>/dev/null | sed -n 's/^Depends: //p' | head -1 |
+        tr ',' '\n' | sed -nE "s/^ *(linux-[a-z-]+-$(sed 's/[.+]/\\&/g' <<<"$release")) \(= ([^)]*)\).*/\1=\2/p"); do
+        [[ "${dep#*=}" == "$version" ]] || continue
+        offered_entry "${dep%%=*}" "$version"
+    done
+}
+
+# Where an unpacked kernel (root $1, release $2) keeps its file $3 (config, vmlinuz, System.map):
+# /boot/$3-$2 (Debian's 6.x kernels) or /usr/lib/modules/$2/$3 (7.x). Prints the first that
+# exists, else the /boot path.
+kernel_file() {
+    local f
+    for f in "$1/boot/$3-$2" "$1/usr/lib/modules/$2/$3"; do
+        [[ -e "$f" ]] && { echo "$f"; return 0; }
+    done
+    echo "$1/boot/$3-$2"
 }
 
 # Kernel options ebb and the rig need: built in, or built in or a module for what the rig loads.

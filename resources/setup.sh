@@ -39,10 +39,40 @@ build_guest_tools() {
     [[ -x "$GUEST_TOOLS" ]] || die "guest tools binary not found at $GUEST_TOOLS"
 }
 
+# The rig's outer QEMU from Debian 12's backports (qemu.lock), unpacked into the cache with its
+# firmware, behind a wrapper that points it at that firmware. It runs on the host's libraries,
+# which the system's qemu-system-x86 (installed above, and copied into L1 for the peer) brings.
+install_rig_qemu() {
+    EBB_LOCK_FILE="$RES_DIR/qemu.lock" "$RES_DIR/fetch.sh"
+    local resolved="$CACHE_DIR/qemu.resolved" root="$CACHE_DIR/qemu"
+    RIG_QEMU="$root/qemu-system-x86_64"
+    local stamp
+    stamp="$(stamp_of "$resolved" "$0")"
+    if [[ -x "$RIG_QEMU" && "$(cat "$root/stamp" 2>/dev/null)" == "$stamp" ]]; then
+        return 0
+    fi
+    rm -rf "$root"
+    mkdir -p "$root/root"
+    local name
+    for name in $(lock_entries "$resolved" | awk '{ print $1 }'); do
+        dpkg-deb -x "$(use_lock "$RES_DIR/qemu.lock" && deb_path "$name")" "$root/root"
+    done
+    cat >"$RIG_QEMU" <<WRAP
+#!/bin/sh
+# Written by resources/setup.sh: the backports QEMU with its own firmware.
+exec "$root/root/usr/bin/qemu-system-x86_64" -L "$root/root/usr/share/qemu" \
+    -L "$root/root/usr/share/seabios" "\$@"
+WRAP
+    chmod 755 "$RIG_QEMU"
+    "$RIG_QEMU" --version | head -1 >&2 || die "the rig's QEMU does not run on this host"
+    echo "$stamp" >"$root/stamp"
+}
+
 start=$(date +%s)
 install_host_packages
 need_tool apt-get dpkg-deb xz zstd cpio readelf qemu-system-x86_64
 build_guest_tools
+install_rig_qemu
 "$RES_DIR/fetch.sh"
 "$RES_DIR/build-l2.sh" "$GUEST_TOOLS"
 "$RES_DIR/build-l1.sh" "$GUEST_TOOLS"
@@ -56,6 +86,7 @@ EBB_L2_VMLINUX=$OUT_DIR/vmlinux
 EBB_L2_INITRAMFS=$OUT_DIR/l2-initramfs.cpio
 EBB_GUEST_TOOLS=$GUEST_TOOLS
 EBB_KERNEL_RELEASE=$(cat "$OUT_DIR/kernel-release")
+EBB_RIG_QEMU_BACKPORTS=$RIG_QEMU
 ENV
 mv "$OUT_DIR/rig.env.tmp" "$OUT_DIR/rig.env"
 log "ready in $(($(date +%s) - start)) s: $OUT_DIR/rig.env"

@@ -346,7 +346,12 @@ EBB-RIG-L1-LOCKUP watchdog: BUG: soft lockup - CPU#1 stuck for 22s! \
              [ 50.0]  svm_vcpu_run+0x1f0/0x7a0 [kvm_amd]
 ",
         );
-        assert!(rcu.l1_lockup.as_deref().unwrap().contains("self-detected stall"));
+        assert!(
+            rcu.l1_lockup
+                .as_deref()
+                .unwrap()
+                .contains("self-detected stall")
+        );
         // The L2 guest's stall (relayed by the VMM) has no L1 module in it.
         let l2 = Transcript::parse(
             "[ 7.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:

@@ -116,11 +116,17 @@ fn env_or(name: &str, default: &str) -> String {
 
 impl Rig {
     /// Configuration from the environment: images from `EBB_CACHE` (see [`RigImages::locate`]),
-    /// `EBB_RIG_MODE`, `EBB_RIG_QEMU`, `EBB_RIG_L1_MEM` (MiB, 3072), `EBB_RIG_L1_CPUS` (2),
+    /// `EBB_RIG_MODE`, `EBB_RIG_QEMU` (default: the QEMU `rig.env` names, else
+    /// `qemu-system-x86_64` on PATH), `EBB_RIG_L1_MEM` (MiB, 3072), `EBB_RIG_L1_CPUS` (2),
     /// `EBB_RIG_L1_APPEND`, `EBB_RIG_QEMU_ACCEL` ([`DEFAULT_ACCEL`]), `EBB_RIG_CPU`
     /// ([`DEFAULT_CPU`]), `EBB_RIG_ECHO=1`.
     pub fn from_env() -> Result<Self, RigError> {
         let images = RigImages::locate()?;
+        let qemu = std::env::var_os("EBB_RIG_QEMU")
+            .filter(|q| !q.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| images.qemu.clone())
+            .unwrap_or_else(|| "qemu-system-x86_64".into());
         let mode = select_mode(
             std::env::var("EBB_RIG_MODE").ok().as_deref(),
             &HostVirt::probe(),
@@ -128,9 +134,7 @@ impl Rig {
         Ok(Rig {
             images,
             mode,
-            qemu: std::env::var_os("EBB_RIG_QEMU")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "qemu-system-x86_64".into()),
+            qemu,
             l1_mem_mib: env_u32("EBB_RIG_L1_MEM", 3072),
             l1_cpus: env_u32("EBB_RIG_L1_CPUS", 2),
             l1_append: std::env::var("EBB_RIG_L1_APPEND").unwrap_or_default(),
@@ -419,8 +423,7 @@ impl Rig {
                     }
                     console.push(line);
                     let t = &console.transcript;
-                    if oops_deadline.is_none() && (t.l1_oops.is_some() || t.l1_lockup.is_some())
-                    {
+                    if oops_deadline.is_none() && (t.l1_oops.is_some() || t.l1_lockup.is_some()) {
                         oops_deadline = Some(Instant::now() + OOPS_GRACE);
                     }
                 }

@@ -31,12 +31,27 @@ impl Archive {
 
     /// Builds a package (with the given files) into the archive; returns its sha256.
     fn add(&mut self, name: &str, version: &str, files: &[(&str, &str)]) -> String {
+        self.add_with_depends(name, version, "", files)
+    }
+
+    fn add_with_depends(
+        &mut self,
+        name: &str,
+        version: &str,
+        depends: &str,
+        files: &[(&str, &str)],
+    ) -> String {
+        let depends = if depends.is_empty() {
+            String::new()
+        } else {
+            format!("Depends: {depends}\n")
+        };
         let stage = self.dir.join(format!("stage-{name}-{version}"));
         fs::create_dir_all(stage.join("DEBIAN")).unwrap();
         fs::write(
             stage.join("DEBIAN/control"),
             format!(
-                "Package: {name}\nVersion: {version}\nArchitecture: amd64\n\
+                "Package: {name}\nVersion: {version}\nArchitecture: amd64\n{depends}\
                  Maintainer: ebb <ebb@localhost>\nDescription: test package\n"
             ),
         )
@@ -58,11 +73,25 @@ impl Archive {
         let size = fs::metadata(&deb).unwrap().len();
         write!(
             self.packages,
-            "Package: {name}\nVersion: {version}\nArchitecture: amd64\nFilename: ./{file}\n\
-             Size: {size}\nSHA256: {sha}\nDescription: test package\n\n"
+            "Package: {name}\nVersion: {version}\nArchitecture: amd64\n{depends}\
+             Filename: ./{file}\nSize: {size}\nSHA256: {sha}\nDescription: test package\n\n"
         )
         .unwrap();
         sha
+    }
+
+    /// A kernel in parts, as Debian's 7.x kernels come: an image package that depends, at its
+    /// exact version, on a package holding the files under /usr/lib/modules/RELEASE.
+    fn kernel_in_parts(&mut self, release: &str, version: &str, config: &str) {
+        let part = format!("linux-modules-{release}");
+        let config_path = format!("usr/lib/modules/{release}/config");
+        self.add(&part, version, &[(config_path.as_str(), config)]);
+        self.add_with_depends(
+            &format!("linux-image-{release}"),
+            version,
+            &format!("kmod, {part} (= {version})"),
+            &[],
+        );
     }
 
     fn kernel(&mut self, release: &str, version: &str, config: &str) -> String {
@@ -157,9 +186,13 @@ fn gone_pins_resolve_to_what_the_suites_offer_loudly() {
     a.add("libgone1", "1.1-1", &[]);
     // Same series and a later one; an older series must never be chosen, nor a non-cloud flavour.
     a.kernel("6.17.9+deb13-cloud-amd64", "6.17.9-1", GOOD_CONFIG);
-    a.kernel("6.18.20+deb13-cloud-amd64", "6.18.20-1~bpo13+1", GOOD_CONFIG);
-    a.kernel("6.19.3+deb13-cloud-amd64", "6.19.3-1~bpo13+1", GOOD_CONFIG);
-    a.kernel("6.20.1+deb13-amd64", "6.20.1-1~bpo13+1", GOOD_CONFIG);
+    a.kernel(
+        "6.18.20+deb13-cloud-amd64",
+        "6.18.20-1~bpo13+1",
+        GOOD_CONFIG,
+    );
+    a.kernel_in_parts("7.3.4+deb13-cloud-amd64", "7.3.4-1~bpo13+1", GOOD_CONFIG);
+    a.kernel("7.4.1+deb13-amd64", "7.4.1-1~bpo13+1", GOOD_CONFIG);
     let lock = a.lock(&[
         pin(
             "linux-image-6.18.15+deb13-cloud-amd64",
@@ -181,7 +214,7 @@ fn gone_pins_resolve_to_what_the_suites_offer_loudly() {
         drift,
         [
             "pin drifted: linux-image-6.18.15+deb13-cloud-amd64 6.18.15-1~bpo13+1 -> \
-             linux-image-6.19.3+deb13-cloud-amd64 6.19.3-1~bpo13+1",
+             linux-image-7.3.4+deb13-cloud-amd64 7.3.4-1~bpo13+1",
             "pin drifted: libgone1 1.0-1 -> 1.1-1",
         ],
         "{}",
@@ -195,12 +228,18 @@ fn gone_pins_resolve_to_what_the_suites_offer_loudly() {
         resolved_version(&first.resolved, "libgone1").as_deref(),
         Some("1.1-1")
     );
-    assert_eq!(
-        resolved_version(&first.resolved, "linux-image-6.19.3+deb13-cloud-amd64").as_deref(),
-        Some("6.19.3-1~bpo13+1"),
-        "{}",
-        first.resolved
-    );
+    // The newest cloud kernel of the same or a later series, with its part.
+    for name in [
+        "linux-image-7.3.4+deb13-cloud-amd64",
+        "linux-modules-7.3.4+deb13-cloud-amd64",
+    ] {
+        assert_eq!(
+            resolved_version(&first.resolved, name).as_deref(),
+            Some("7.3.4-1~bpo13+1"),
+            "{}",
+            first.resolved
+        );
+    }
     // Every resolved file is in the download cache with its sha256.
     for l in first.resolved.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -231,28 +270,51 @@ fn a_replacement_kernel_lacking_an_option_is_refused_with_one_line() {
     let dir = tempdir("refuse");
     let mut a = Archive::new(&dir);
     let lacking = GOOD_CONFIG.replace("CONFIG_PT_RECLAIM=y\n", "# CONFIG_PT_RECLAIM is not set\n");
-    a.kernel("6.19.3+deb13-cloud-amd64", "6.19.3-1~bpo13+1", &lacking);
+    a.kernel_in_parts("7.3.4+deb13-cloud-amd64", "7.3.4-1~bpo13+1", &lacking);
     let lock = a.lock(&[pin(
         "linux-image-6.18.15+deb13-cloud-amd64",
         "6.18.15-1~bpo13+1",
         NO_SHA,
     )]);
     let out = fetch(&lock, &dir.join("dl"), &dir.join("clone"));
-    assert!(!out.ok, "a kernel without PT_RECLAIM was accepted:\n{}", out.stderr);
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains("ERROR"))
-        .collect();
+    assert!(
+        !out.ok,
+        "a kernel without PT_RECLAIM was accepted:\n{}",
+        out.stderr
+    );
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(errors.len(), 1, "{}", out.stderr);
     assert!(
-        errors[0].contains("linux-image-6.19.3+deb13-cloud-amd64")
+        errors[0].contains("linux-image-7.3.4+deb13-cloud-amd64")
             && errors[0].contains("CONFIG_PT_RECLAIM=y")
             && !errors[0].contains("CONFIG_USERFAULTFD"),
         "{}",
         out.stderr
     );
-    assert!(out.resolved.is_empty(), "nothing is resolved after a refusal");
+    assert!(
+        out.resolved.is_empty(),
+        "nothing is resolved after a refusal"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pin_edited_to_a_gone_version_drifts_even_when_its_hash_is_cached() {
+    let dir = tempdir("edited");
+    let mut a = Archive::new(&dir);
+    let sha = a.add("libkept1", "2.0-1", &[]);
+    let dl = dir.join("dl");
+    let good = a.lock(&[pin("libkept1", "2.0-1", &sha)]);
+    assert!(fetch(&good, &dl, &dir.join("clone1")).ok);
+    // The version no longer exists; the hash and pool path still name the cached file.
+    let edited = a.lock(&[pin("libkept1", "2.0-9", &sha)]);
+    let out = fetch(&edited, &dl, &dir.join("clone2"));
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("pin drifted: libkept1 2.0-9 -> 2.0-1"),
+        "{}",
+        out.stderr
+    );
     let _ = fs::remove_dir_all(&dir);
 }
 

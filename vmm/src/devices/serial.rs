@@ -299,7 +299,11 @@ mod tests {
                 read_byte(&mut dev, r);
             }
         }
-        assert_eq!(read_byte(&mut dev, 5) & LSR_DATA_READY, 0, "nothing offered yet");
+        assert_eq!(
+            read_byte(&mut dev, 5) & LSR_DATA_READY,
+            0,
+            "nothing offered yet"
+        );
         // The driver listens: everything typed arrives.
         dev.write(1, &[IER_RDA | 0x04]);
         assert_eq!(drain(&mut dev), b"typed-into-ebb\n");
