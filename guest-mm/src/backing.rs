@@ -301,6 +301,25 @@ impl MemfdBacking {
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
+
+    /// After `offset..offset + len` left the file: the host page-table pages that mapped the
+    /// whole 2 MiB blocks inside it are empty now, but a punch (or `MADV_REMOVE`) zaps the
+    /// entries without freeing the tables. Linux frees an empty PTE page only for a
+    /// `MADV_DONTNEED` covering its whole 2 MiB (`CONFIG_PT_RECLAIM`), and on a shared mapping
+    /// that call only unmaps (the pages are already gone from the file): so it is made over those
+    /// blocks, in every mapping of the file.
+    fn drop_empty_tables(&self, offset: u64, len: u64) -> Result<(), SysError> {
+        let start = offset.next_multiple_of(HOST_ALIGN);
+        let end = (offset + len) / HOST_ALIGN * HOST_ALIGN;
+        if start >= end {
+            return Ok(());
+        }
+        self.map.madvise(start, end - start, Advice::DontNeed)?;
+        if let Some(alias) = &self.alias {
+            alias.madvise(start, end - start, Advice::DontNeed)?;
+        }
+        Ok(())
+    }
 }
 
 impl HostBacking for MemfdBacking {
@@ -327,7 +346,8 @@ impl HostBacking for MemfdBacking {
                     kind: self.kind(),
                 });
             }
-        };
+        }
+        .and_then(|()| self.drop_empty_tables(offset, len));
         res.map_err(|source| BackingError::Release {
             offset,
             len,
