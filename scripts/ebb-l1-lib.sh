@@ -17,6 +17,9 @@
 start_ebb() {
     _g=$1
     shift
+    # A line for a guest whose ebb has died must fail, not kill this script with SIGPIPE before
+    # it prints ebb's console.
+    trap '' PIPE
     rm -f "$S" "$S.in"
     mkfifo "$S.in"
     "$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
@@ -27,7 +30,7 @@ start_ebb() {
 }
 
 # Sends the line $1 to the guest's console (ebb keeps it until the guest's UART listens).
-tell_guest() { echo "$1" >&3; }
+tell_guest() { echo "$1" >&3 2>/dev/null; }
 
 # Ends a rig test's script: waits for ebb, prints its console and EBB-BALLOON-EBB-STATUS, and
 # exits with ebb's status, so the harness sees e.g. a triple fault (3) as the rig fault it is.
@@ -75,6 +78,7 @@ set_target() {
     until [ "$(balloon_actual)" = "$1" ]; do
         _i=$((_i + 1))
         [ $_i -gt $(($2 * 2)) ] && return 1
+        kill -0 "$pid" 2>/dev/null || return 1
         sleep 0.5
     done
 }
