@@ -52,6 +52,15 @@ print_summary() {
     echo
     echo "== summary after $(( $(date +%s) - start ))s"
     cat "$summary"
+    if grep -q '^pin drifted: ' "$log_dir/setup.log"; then
+        echo "pins that left the archive (resources/lock-update.sh moves them):"
+        grep '^pin drifted: ' "$log_dir/setup.log" | sed 's/^/  /'
+    fi
+    # Rig faults the tests met and ran again (each announced where it happened).
+    if grep -qh 'RIG FAULT (' "$log_dir"/*.log; then
+        echo "rig faults met and re-run:"
+        grep -oh 'RIG FAULT ([^)]*)' "$log_dir"/*.log | sort | uniq -c | sed 's/^/  /'
+    fi
     if [ -s "$failures" ]; then
         echo "failed:"
         sed 's/^/  /' "$failures"
@@ -61,7 +70,7 @@ print_summary() {
 
 # Without its images no rig test can run: a failed set-up ends the run here.
 step "set-up: host packages, pinned guest images, static binaries"
-"$repo/resources/setup.sh"
+"$repo/resources/setup.sh" 2>&1 | tee "$log_dir/setup.log"
 
 run_step format cargo fmt --all --check
 run_step clippy cargo clippy --workspace --all-targets --locked -- -D warnings

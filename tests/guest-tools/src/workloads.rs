@@ -54,6 +54,11 @@ fn touch_pages(buf: &mut [u8], ps: usize, value: u8) -> u64 {
 pub fn touch(argv: &[String]) -> Result<i32, ToolError> {
     let a = Args::parse(argv, &["mib", "thp", "hold-secs"], &[])?;
     let mib = mib_arg(&a, "mib", 256)?;
+    let hold: u64 = a.get("hold-secs", 0)?;
+    if hold > 0 {
+        // Before the result line: a host that signals on seeing it must not kill the process.
+        signal::install();
+    }
     let mut m = Mapping::new(mib * MIB, thp_arg(&a)?)?;
     let ps = page_size();
     let t = Instant::now();
@@ -65,9 +70,7 @@ pub fn touch(argv: &[String]) -> Result<i32, ToolError> {
         .kv("ns_per_page", ns_per(el, pages))
         .kv("total_ms", el.as_millis())
         .print();
-    let hold: u64 = a.get("hold-secs", 0)?;
     if hold > 0 {
-        signal::install();
         signal::wait(Some(Duration::from_secs(hold)));
     }
     Ok(0)

@@ -21,7 +21,10 @@ fn program_with_input_runs_in_l1() {
     std::fs::write(
         &script,
         "#!/bin/sh\ncat data.txt\nls /l2\n[ -c /dev/kvm ] && echo have-kvm\n\
-         ebb-guest touch --mib 32 --hold-secs 4\necho to-stderr >&2\nexit 7\n",
+         ebb-guest touch --mib 32 --hold-secs 600 >/tmp/touch.out & p=$!\n\
+         until grep -q '^EBB-RESULT touch' /tmp/touch.out; do kill -0 $p || break; sleep 0.1; done\n\
+         rig-sample $p held\nkill -USR1 $p; wait $p\ncat /tmp/touch.out\n\
+         echo to-stderr >&2\nexit 7\n",
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -51,13 +54,20 @@ fn program_with_input_runs_in_l1() {
     }
     let touch = out.result("touch").expect("touch result");
     assert_eq!(touch.u64("pages"), Some(32 * 256));
-    // The rig's own line relay is an ebb-guest too: take the largest.
+    // The periodic sampler samples at once (the rig's own line relay is an ebb-guest too);
+    // the job samples touch itself once it holds its pages (a handshake, not a timed hold).
+    assert!(
+        out.samples
+            .iter()
+            .any(|s| s.label == "periodic" && s.comm == "ebb-guest"),
+        "{:?}",
+        out.samples
+    );
     let s = out
         .samples
         .iter()
-        .filter(|s| s.comm == "ebb-guest")
-        .max_by_key(|s| s.vm_rss_kb)
-        .expect("a sample of ebb-guest");
+        .find(|s| s.label == "held")
+        .expect("the job's sample of touch");
     assert!(
         s.vm_rss_kb >= 32 * 1024,
         "sampled while holding 32 MiB: {s:?}"
