@@ -426,10 +426,13 @@ impl VmMemory {
                 pages_kept: st.pages_kept,
             }
         });
+        let (host_pte_bytes, kvm_table_bytes) = crate::report::host_table_bytes();
         Ok(crate::report::MemoryReport {
             guest_bytes: self.ram.size() as u64,
             resident_pages: self.ram.resident_pages()?,
             host_huge_bytes: self.ram.host_huge_bytes(),
+            host_pte_bytes,
+            kvm_table_bytes,
             tracked,
         })
     }

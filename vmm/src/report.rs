@@ -32,12 +32,37 @@ pub struct MemoryReport {
     pub resident_pages: u64,
     /// Bytes of guest RAM the host maps with 2 MiB entries (smaps), if known.
     pub host_huge_bytes: Option<u64>,
+    /// Bytes of the host's page tables for this process (`VmPTE`), if readable.
+    pub host_pte_bytes: Option<u64>,
+    /// Bytes of KVM's second-level (nested) tables on this host (`SecPageTables` in
+    /// /proc/meminfo: every VM's, so this VM's where it runs alone), if readable.
+    pub kvm_table_bytes: Option<u64>,
     /// Tracking figures, if tracking is on.
     pub tracked: Option<TrackStats>,
 }
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
+}
+
+/// A `kB` figure from a /proc file of `Key: value kB` lines, in bytes.
+pub fn proc_kb(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb << 10)
+}
+
+/// The host's page-table bytes for this process and KVM's nested-table bytes on this host.
+/// /proc/meminfo's counters are per-CPU sums refreshed about once a second; writing
+/// `stat_refresh` (root only; a failure is ignored) makes them current.
+pub fn host_table_bytes() -> (Option<u64>, Option<u64>) {
+    let _ = std::fs::write("/proc/sys/vm/stat_refresh", "1");
+    (
+        proc_kb("/proc/self/status", "VmPTE"),
+        proc_kb("/proc/meminfo", "SecPageTables"),
+    )
 }
 
 impl MemoryReport {
@@ -64,6 +89,14 @@ impl MemoryReport {
                 "host 2 MiB mappings:  {:>10.1} MiB  ({} of 2 MiB)\n",
                 mib(b),
                 b >> 21
+            ));
+        }
+        if self.host_pte_bytes.is_some() || self.kvm_table_bytes.is_some() {
+            let kb = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{} kB", b >> 10));
+            s.push_str(&format!(
+                "host page tables:     {:>10}  (VmPTE; KVM's nested tables on this host: {})\n",
+                kb(self.host_pte_bytes),
+                kb(self.kvm_table_bytes)
             ));
         }
         match &self.tracked {
@@ -122,9 +155,13 @@ mod tests {
             guest_bytes: 256 << 20,
             resident_pages: 1000,
             host_huge_bytes: Some(4 << 20),
+            host_pte_bytes: Some(48 << 10),
+            kvm_table_bytes: None,
             tracked: None,
         };
         assert!(r.render().contains("off"));
+        assert!(r.render().contains("host page tables:          48 kB"));
+        assert!(r.render().contains("on this host: ?"));
         assert_eq!(r.leaf_pages(), None);
         r.tracked = Some(TrackStats {
             leaves_4k: 1000,
