@@ -21,6 +21,9 @@ show() {
     printf '%-34s resident %7s MiB | leaves %6s x 4K + %3s x 2M | table bytes %7s (min %s) | balloon %s MiB, reported %s MiB\n' \
         "$1" "$(mib "$res")" "$l4" "$l2" "$tb" "$mb" "$(echo "$b" | num actual_mib)" \
         "$(($(echo "$b" | num bytes_reported) >> 20))"
+    printf '%-34s host page tables (VmPTE) %s kB | KVM nested tables %s kB | KVM table zaps %s\n' \
+        "" "$(($(echo "$vm" | num host_pte_bytes) >> 10))" \
+        "$(($(echo "$vm" | num kvm_table_bytes) >> 10))" "$(echo "$vm" | num zaps)"
 }
 step() {
     if wait_for "EBB-INTEGRITY-WAITING" 180; then

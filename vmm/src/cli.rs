@@ -74,6 +74,11 @@ pub struct Cli {
     /// Offer free page reporting: the guest hands free blocks back on its own.
     #[arg(long = "balloon-reporting")]
     pub balloon_reporting: bool,
+    /// Make KVM drop its nested page tables once give-backs have emptied this many 2 MiB
+    /// blocks since the last time (a memslot change; every page still mapped then faults into
+    /// KVM once more). 0: never.
+    #[arg(long = "zap-kvm-tables-after")]
+    pub zap_kvm_tables_after: Option<u64>,
 }
 
 impl Cli {
@@ -102,6 +107,7 @@ impl Cli {
             balloon_stats: self.balloon_no_stats.then_some(false),
             balloon_stats_s: self.balloon_stats_s,
             balloon_reporting: self.balloon_reporting.then_some(true),
+            zap_kvm_tables_after: self.zap_kvm_tables_after,
         };
         VmConfig::validate(file.overlay(flags))
     }

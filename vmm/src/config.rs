@@ -9,6 +9,10 @@ use crate::layout::{MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 /// Command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
+/// Emptied 2 MiB blocks after which KVM drops its nested tables, by default: off until a
+/// measurement of the re-fault cost against the tables freed chooses a value.
+pub const DEFAULT_ZAP_KVM_TABLES_AFTER: u64 = 0;
+
 /// Default fault-around, in 4 KiB pages, for tracked guest RAM with 2 MiB pages (8 blocks).
 pub const DEFAULT_HUGE_FAULT_AROUND: u32 = 4096;
 
@@ -118,6 +122,9 @@ pub struct ConfigFile {
     pub balloon_stats_s: Option<u32>,
     /// Offer free page reporting (default false).
     pub balloon_reporting: Option<bool>,
+    /// Make KVM drop its nested tables after give-backs emptied this many 2 MiB blocks
+    /// (0: never; default [`DEFAULT_ZAP_KVM_TABLES_AFTER`]).
+    pub zap_kvm_tables_after: Option<u64>,
 }
 
 impl ConfigFile {
@@ -158,6 +165,7 @@ impl ConfigFile {
             balloon_deflate_on_oom: over.balloon_deflate_on_oom.or(self.balloon_deflate_on_oom),
             balloon_stats: over.balloon_stats.or(self.balloon_stats),
             balloon_stats_s: over.balloon_stats_s.or(self.balloon_stats_s),
+            zap_kvm_tables_after: over.zap_kvm_tables_after.or(self.zap_kvm_tables_after),
             balloon_reporting: over.balloon_reporting.or(self.balloon_reporting),
         }
     }
@@ -242,6 +250,8 @@ pub struct VmConfig {
     pub hlt_in_guest: bool,
     /// The balloon device, when there is one.
     pub balloon: Option<BalloonSettings>,
+    /// Emptied 2 MiB blocks after which KVM drops its nested tables (0: never).
+    pub zap_kvm_tables_after: u64,
 }
 
 impl VmConfig {
@@ -302,6 +312,9 @@ impl VmConfig {
             pvh: file.pvh.unwrap_or(false),
             hlt_in_guest: file.hlt_in_guest.unwrap_or(false),
             balloon,
+            zap_kvm_tables_after: file
+                .zap_kvm_tables_after
+                .unwrap_or(DEFAULT_ZAP_KVM_TABLES_AFTER),
         })
     }
 

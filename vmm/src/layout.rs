@@ -57,6 +57,9 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// KVM's identity-map page for real mode, right after the TSS.
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// Where the memslot that makes KVM drop its nested tables lives for an instant (see
+/// `kvm::Vm::zap_nested_tables`): above 4 GiB, where the guest has neither RAM nor devices.
+pub const ZAP_SLOT_GPA: u64 = 0x1_0000_0000;
 
 /// IOAPIC pin of the COM1 serial port.
 pub const SERIAL_IRQ: u32 = 4;

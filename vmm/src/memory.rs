@@ -5,6 +5,7 @@
 //! until the process exits, so every `GuestMemoryMmap` clone handed to a device stays valid.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use guest_mm::Strategy;
 use guest_mm::backing::ReleaseMode;
@@ -216,6 +217,19 @@ impl GuestRam {
 pub struct VmMemory {
     ram: GuestRam,
     tracker: Option<GuestMm>,
+    /// 2 MiB blocks that give-backs emptied (guest-mm freed their PT table; untracked: whole
+    /// blocks released), and KVM's table zaps (see [`VmMemory::kvm_zap_due`]).
+    zap: ZapCounters,
+}
+
+/// What the KVM table-zap policy counts.
+#[derive(Debug, Default)]
+struct ZapCounters {
+    blocks_emptied: AtomicU64,
+    blocks_at_last_zap: AtomicU64,
+    zaps: AtomicU64,
+    zap_ns_total: AtomicU64,
+    zap_ns_max: AtomicU64,
 }
 
 impl VmMemory {
@@ -229,7 +243,11 @@ impl VmMemory {
     pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
         if !config.track {
             let ram = GuestRam::anonymous(config.memory_bytes(), config.thp)?;
-            return Ok(VmMemory { ram, tracker: None });
+            return Ok(VmMemory {
+                ram,
+                tracker: None,
+                zap: ZapCounters::default(),
+            });
         }
         let (backing, release) = if config.thp {
             if !guest_mm::backing::shmem_huge_pages_available() {
@@ -281,6 +299,7 @@ impl VmMemory {
         Ok(VmMemory {
             ram,
             tracker: Some(mm),
+            zap: ZapCounters::default(),
         })
     }
 
@@ -313,9 +332,38 @@ impl VmMemory {
         if let Some(mm) = &self.tracker {
             let range = guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Tracker)?;
             let summary = mm.discard(range).map_err(MemoryError::Tracker)?;
-            return Ok(summary.host_bytes_released);
+            return Ok(self.count(&summary));
         }
         self.dontneed(gpa, len)
+    }
+
+    /// Counts the blocks a tracked give-back emptied; returns its bytes released.
+    fn count(&self, summary: &guest_mm::manager::DiscardSummary) -> u64 {
+        self.zap
+            .blocks_emptied
+            .fetch_add(summary.blocks_released, Ordering::Relaxed);
+        summary.host_bytes_released
+    }
+
+    /// Whether give-backs emptied at least `after` 2 MiB blocks since KVM last dropped its
+    /// nested tables (0: never). The caller then zaps (`kvm::Vm::zap_nested_tables`) and
+    /// records it with [`record_kvm_zap`](Self::record_kvm_zap).
+    pub fn kvm_zap_due(&self, after: u64) -> bool {
+        after > 0
+            && self.zap.blocks_emptied.load(Ordering::Relaxed)
+                - self.zap.blocks_at_last_zap.load(Ordering::Relaxed)
+                >= after
+    }
+
+    /// Records a zap of KVM's nested tables that took `took`.
+    pub fn record_kvm_zap(&self, took: std::time::Duration) {
+        let z = &self.zap;
+        z.blocks_at_last_zap
+            .store(z.blocks_emptied.load(Ordering::Relaxed), Ordering::Relaxed);
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        z.zaps.fetch_add(1, Ordering::Relaxed);
+        z.zap_ns_total.fetch_add(ns, Ordering::Relaxed);
+        z.zap_ns_max.fetch_max(ns, Ordering::Relaxed);
     }
 
     /// The untracked release of a range already checked by [`check_range`](Self::check_range).
@@ -332,6 +380,9 @@ impl VmMemory {
         if rc != 0 {
             return Err(MemoryError::Discard(std::io::Error::last_os_error()));
         }
+        // Whole 2 MiB blocks released (the host frees their PTE page with PT_RECLAIM).
+        let blocks = ((gpa + len) >> 21).saturating_sub(gpa.div_ceil(1 << 21));
+        self.zap.blocks_emptied.fetch_add(blocks, Ordering::Relaxed);
         Ok(len)
     }
 
@@ -352,7 +403,7 @@ impl VmMemory {
         };
         let ranges = self.checked_ranges(ranges)?;
         let summary = mm.discard_many(&ranges).map_err(MemoryError::Tracker)?;
-        Ok(summary.host_bytes_released)
+        Ok(self.count(&summary))
     }
 
     /// The balloon's inflate: marks the ranges as held by the guest (no block fill or
@@ -365,7 +416,7 @@ impl VmMemory {
         let granges = self.checked_ranges(ranges)?;
         mm.hold(&granges, true).map_err(MemoryError::Tracker)?;
         let summary = mm.discard_many(&granges).map_err(MemoryError::Tracker)?;
-        Ok(summary.host_bytes_released)
+        Ok(self.count(&summary))
     }
 
     /// The balloon's deflate: the guest takes the ranges back; faults in their blocks may fill
@@ -433,6 +484,12 @@ impl VmMemory {
             host_huge_bytes: self.ram.host_huge_bytes(),
             host_pte_bytes,
             kvm_table_bytes,
+            kvm_zaps: crate::report::KvmZaps {
+                zaps: self.zap.zaps.load(Ordering::Relaxed),
+                ns_total: self.zap.zap_ns_total.load(Ordering::Relaxed),
+                ns_max: self.zap.zap_ns_max.load(Ordering::Relaxed),
+                blocks_emptied: self.zap.blocks_emptied.load(Ordering::Relaxed),
+            },
             tracked,
         })
     }
@@ -461,6 +518,7 @@ mod tests {
         VmMemory {
             ram: GuestRam::anonymous(mib << 20, false).unwrap(),
             tracker: None,
+            zap: ZapCounters::default(),
         }
     }
 
@@ -489,6 +547,27 @@ mod tests {
         assert_eq!(m.ram.resident_pages().unwrap(), 4);
         let v: u8 = m.vm_memory().read_obj(GuestAddress(0)).unwrap();
         assert_eq!(v, 0);
+    }
+
+    #[test]
+    fn emptied_blocks_make_a_kvm_table_zap_due() {
+        for m in [untracked(64), tracked(64, false), tracked(64, true)] {
+            for page in 0..(8 << 20) / 4096 {
+                m.vm_memory()
+                    .write_obj(1u8, GuestAddress(page * 4096))
+                    .unwrap();
+            }
+            assert!(!m.kvm_zap_due(1), "nothing given back yet");
+            // Scattered pages empty no block; the whole range then empties four.
+            m.discard_many(&[(4096, 4096), (3 << 20, 8192)]).unwrap();
+            assert!(!m.kvm_zap_due(1));
+            m.discard_many(&[(0, 8 << 20)]).unwrap();
+            assert!(m.kvm_zap_due(4) && !m.kvm_zap_due(5) && !m.kvm_zap_due(0));
+            m.record_kvm_zap(std::time::Duration::from_millis(3));
+            assert!(!m.kvm_zap_due(1), "counted from the last zap");
+            let z = m.report().unwrap().kvm_zaps;
+            assert_eq!((z.zaps, z.blocks_emptied, z.ns_max), (1, 4, 3_000_000));
+        }
     }
 
     fn tracked(mib: u64, thp: bool) -> VmMemory {

@@ -23,6 +23,19 @@ pub struct TrackStats {
     pub pages_kept: u64,
 }
 
+/// KVM's nested-table zaps (`--zap-kvm-tables-after`) and what triggers them.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct KvmZaps {
+    /// Times KVM was made to drop its nested tables.
+    pub zaps: u64,
+    /// Their total duration, ns.
+    pub ns_total: u64,
+    /// The longest, ns.
+    pub ns_max: u64,
+    /// 2 MiB blocks give-backs emptied so far.
+    pub blocks_emptied: u64,
+}
+
 /// Everything the report says.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct MemoryReport {
@@ -37,6 +50,8 @@ pub struct MemoryReport {
     /// Bytes of KVM's second-level (nested) tables on this host (`SecPageTables` in
     /// /proc/meminfo: every VM's, so this VM's where it runs alone), if readable.
     pub kvm_table_bytes: Option<u64>,
+    /// KVM table zaps.
+    pub kvm_zaps: KvmZaps,
     /// Tracking figures, if tracking is on.
     pub tracked: Option<TrackStats>,
 }
@@ -99,6 +114,16 @@ impl MemoryReport {
                 kb(self.kvm_table_bytes)
             ));
         }
+        let z = &self.kvm_zaps;
+        if z.zaps > 0 || z.blocks_emptied > 0 {
+            s.push_str(&format!(
+                "KVM table zaps:       {:>10}  ({:.1} ms total, longest {:.1} ms; {} blocks emptied)\n",
+                z.zaps,
+                z.ns_total as f64 / 1e6,
+                z.ns_max as f64 / 1e6,
+                z.blocks_emptied
+            ));
+        }
         match &self.tracked {
             None => s.push_str("tracking:             off (--no-track)\n"),
             Some(t) => {
@@ -157,6 +182,7 @@ mod tests {
             host_huge_bytes: Some(4 << 20),
             host_pte_bytes: Some(48 << 10),
             kvm_table_bytes: None,
+            kvm_zaps: KvmZaps::default(),
             tracked: None,
         };
         assert!(r.render().contains("off"));

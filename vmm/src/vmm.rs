@@ -259,6 +259,16 @@ pub fn run(
         if let Err(e) = manager.run_with_timeout(100) {
             control.request_stop(ExitReason::HostError(format!("event loop: {e:?}")));
         }
+        // Between event dispatches: off the vCPU threads, never inside a queue chain.
+        if memory.kvm_zap_due(config.zap_kvm_tables_after) {
+            match vm.zap_nested_tables() {
+                Ok(took) => memory.record_kvm_zap(took),
+                Err(e) => {
+                    log::error!("cannot make KVM drop its nested tables: {e}");
+                    memory.record_kvm_zap(Duration::ZERO);
+                }
+            }
+        }
         // A printed panic with panic=0 leaves the guest spinning: give it a second to
         // print its trace and reboot, then stop.
         if control.panic_seen() {

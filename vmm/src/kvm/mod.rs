@@ -11,8 +11,10 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
+use std::time::{Duration, Instant};
+
 use crate::boot::{BootEntry, BootMode};
-use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, ZAP_SLOT_GPA};
 use cpuid::CpuTopology;
 
 /// What failed while setting up KVM.
@@ -30,6 +32,43 @@ pub enum KvmError {
     /// Boot register state could not be built.
     #[error("cannot prepare the boot vCPU")]
     Regs(#[from] regs::RegsError),
+    /// The page behind the table-zap memslot could not be mapped.
+    #[error("cannot map the table-zap page")]
+    ZapPage(#[source] std::io::Error),
+}
+
+/// The memslot whose creation and deletion makes KVM drop its nested tables.
+const ZAP_SLOT: u32 = 1;
+
+/// One anonymous page, mapped for the VM's life, behind the table-zap memslot.
+struct ZapPage(u64);
+
+impl ZapPage {
+    fn new() -> Result<Self, KvmError> {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(KvmError::ZapPage(std::io::Error::last_os_error()));
+        }
+        Ok(ZapPage(p as u64))
+    }
+}
+
+impl Drop for ZapPage {
+    fn drop(&mut self) {
+        // SAFETY: the page was mapped by `new`; it is in a memslot only inside
+        // `zap_nested_tables`, which deletes the slot before it returns.
+        unsafe { libc::munmap(self.0 as *mut libc::c_void, 4096) };
+    }
 }
 
 /// An open VM with its supported CPUID table.
@@ -39,6 +78,7 @@ pub struct Vm {
     cpuid: CpuId,
     tsc_deadline: bool,
     legacy_xsave: bool,
+    zap_page: ZapPage,
 }
 
 impl Vm {
@@ -106,6 +146,7 @@ impl Vm {
             cpuid,
             tsc_deadline,
             legacy_xsave,
+            zap_page: ZapPage::new()?,
         })
     }
 
@@ -129,6 +170,32 @@ impl Vm {
         // SAFETY: the caller guarantees the host range outlives the VM.
         unsafe { self.fd.set_user_memory_region(region) }
             .map_err(|e| KvmError::Ioctl("SET_USER_MEMORY_REGION", e))
+    }
+
+    /// Makes KVM drop every nested (second-level) table of this VM, before this returns, and
+    /// says how long that took. KVM frees the tables an MMU-notifier invalidation emptied only
+    /// when the VM dies or a memslot is deleted or moved (with its default quirk
+    /// `KVM_X86_QUIRK_SLOT_ZAP_ALL` on x86: every root is zapped). So a one-page memslot is
+    /// created above everything the guest uses and deleted at once. Every page still mapped
+    /// then faults into KVM once more (cheap where the host maps 2 MiB). Safe from any thread
+    /// while vCPUs run: KVM serialises memslot changes and kicks the vCPUs.
+    pub fn zap_nested_tables(&self) -> Result<Duration, KvmError> {
+        let start = Instant::now();
+        let mut region = kvm_userspace_memory_region {
+            slot: ZAP_SLOT,
+            guest_phys_addr: ZAP_SLOT_GPA,
+            memory_size: 4096,
+            userspace_addr: self.zap_page.0,
+            flags: 0,
+        };
+        // SAFETY: the page stays mapped for the VM's life (`zap_page`).
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| KvmError::Ioctl("SET_USER_MEMORY_REGION (zap slot)", e))?;
+        region.memory_size = 0;
+        // SAFETY: deleting the slot just created.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| KvmError::Ioctl("SET_USER_MEMORY_REGION (zap slot delete)", e))?;
+        Ok(start.elapsed())
     }
 
     /// Creates and configures vCPU `index` of `count`; the boot vCPU (0) gets `entry`.
