@@ -5,41 +5,23 @@
 mod manager_common;
 
 use std::sync::Arc;
-use std::thread;
 
 use guest_mm::backing::ReleaseMode;
 use guest_mm::manager::{GuestMm, gpa_range};
-use guest_mm::{BLOCK_SIZE, GpaRange, PAGE_SIZE, Strategy};
-use manager_common::{MIB, Rng, anon_mm, settle, status_kb, write};
+use guest_mm::{BLOCK_SIZE, PAGE_SIZE, Strategy};
+use manager_common::{MIB, anon_mm, discard_scattered, status_kb, touch_all};
 
 const LEN: u64 = 128 * MIB;
 const PAGES: u64 = LEN / PAGE_SIZE;
 /// kB of host PTE pages needed to map LEN with 4 KiB pages.
 const PTE_KB: u64 = LEN / BLOCK_SIZE * 4;
 
-fn touch(mm: &Arc<GuestMm>) {
-    let hs: Vec<_> = (0..2u64)
-        .map(|t| {
-            let mm = mm.clone();
-            thread::spawn(move || {
-                for p in (t..PAGES).step_by(2) {
-                    write(&mm, p * PAGE_SIZE, p);
-                }
-            })
-        })
-        .collect();
-    for h in hs {
-        h.join().unwrap();
-    }
-    settle(mm);
-}
-
 /// Touches everything, runs `discard`, returns (VmPTE before touch, after touch, after discard)
 /// and the RSS drop in kB.
 fn scenario(strategy: Strategy, discard: impl Fn(&GuestMm)) -> (u64, u64, u64, u64) {
     let mm = Arc::new(anon_mm(LEN, strategy, ReleaseMode::DontNeed, 2));
     let pte0 = status_kb("VmPTE");
-    touch(&mm);
+    touch_all(&mm, LEN);
     assert_eq!(mm.stats().tables.leaves_4k, PAGES);
     let (pte1, rss1) = (status_kb("VmPTE"), status_kb("VmRSS"));
     discard(&mm);
@@ -53,18 +35,7 @@ fn scenario(strategy: Strategy, discard: impl Fn(&GuestMm)) -> (u64, u64, u64, u
 }
 
 fn scattered(mm: &GuestMm) {
-    let mut pages: Vec<u64> = (0..PAGES).collect();
-    let mut rng = Rng(42);
-    for i in (1..pages.len()).rev() {
-        pages.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    for batch in pages.chunks(256) {
-        let ranges: Vec<GpaRange> = batch
-            .iter()
-            .map(|p| gpa_range(p * PAGE_SIZE, PAGE_SIZE).unwrap())
-            .collect();
-        mm.discard_many(&ranges).unwrap();
-    }
+    discard_scattered(mm, LEN, 42);
 }
 
 #[test]

@@ -7,15 +7,13 @@
 mod manager_common;
 
 use std::sync::Arc;
-use std::thread;
 
 use guest_mm::backing::ReleaseMode;
-use guest_mm::manager::{BackingSpec, FaultConfig, GuestMm, RegionSpec, gpa_range};
-use guest_mm::{BLOCK_SIZE, GpaRange, PAGE_SIZE, Strategy};
-use manager_common::{MIB, Rng, settle, status_kb, write};
+use guest_mm::manager::{BackingSpec, FaultConfig, GuestMm, RegionSpec};
+use guest_mm::{BLOCK_SIZE, Strategy};
+use manager_common::{MIB, discard_scattered, status_kb, touch_all};
 
 const LEN: u64 = 128 * MIB;
-const PAGES: u64 = LEN / PAGE_SIZE;
 /// kB of host PTE pages needed to map LEN with 4 KiB pages.
 const PTE_KB: u64 = LEN / BLOCK_SIZE * 4;
 
@@ -38,50 +36,15 @@ fn memfd_mm(release: ReleaseMode) -> Arc<GuestMm> {
     )
 }
 
-/// Every page written once, from two threads.
-fn touch(mm: &Arc<GuestMm>) {
-    let hs: Vec<_> = (0..2u64)
-        .map(|t| {
-            let mm = mm.clone();
-            thread::spawn(move || {
-                for p in (t..PAGES).step_by(2) {
-                    write(&mm, p * PAGE_SIZE, p);
-                }
-            })
-        })
-        .collect();
-    for h in hs {
-        h.join().unwrap();
-    }
-    settle(mm);
-}
-
-/// Every page discarded on its own, in random order, 256 per call: each block is split by 4 KiB
-/// releases until it is empty.
-fn scattered(mm: &GuestMm) {
-    let mut pages: Vec<u64> = (0..PAGES).collect();
-    let mut rng = Rng(7);
-    for i in (1..pages.len()).rev() {
-        pages.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    for batch in pages.chunks(256) {
-        let ranges: Vec<GpaRange> = batch
-            .iter()
-            .map(|p| gpa_range(p * PAGE_SIZE, PAGE_SIZE).unwrap())
-            .collect();
-        mm.discard_many(&ranges).unwrap();
-    }
-}
-
 #[test]
 fn emptied_memfd_blocks_give_back_their_host_page_tables() {
     for release in [ReleaseMode::PunchHole, ReleaseMode::Remove] {
         let mm = memfd_mm(release);
         // The baseline: the manager, its handler threads and its table arena exist.
         let pte0 = status_kb("VmPTE");
-        touch(&mm);
+        touch_all(&mm, LEN);
         let pte1 = status_kb("VmPTE");
-        scattered(&mm);
+        discard_scattered(&mm, LEN, 7);
         let st = mm.stats();
         assert_eq!(st.tables.leaves_4k + st.tables.leaves_2m, 0);
         let pte2 = status_kb("VmPTE");

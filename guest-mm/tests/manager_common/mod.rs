@@ -3,9 +3,12 @@
 
 #![allow(dead_code)]
 
+use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 
 use guest_mm::backing::ReleaseMode;
+use guest_mm::manager::gpa_range;
 use guest_mm::manager::{BackingSpec, FaultConfig, GuestMm, RegionSpec};
 use guest_mm::{GpaRange, PAGE_SIZE, Strategy};
 
@@ -108,5 +111,41 @@ impl Rng {
     }
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+}
+
+/// Writes every page of `0..len` once, from two threads, and waits for the fault path.
+pub fn touch_all(mm: &Arc<GuestMm>, len: u64) {
+    let pages = len / PAGE_SIZE;
+    let hs: Vec<_> = (0..2u64)
+        .map(|t| {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                for p in (t..pages).step_by(2) {
+                    write(&mm, p * PAGE_SIZE, p);
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    settle(mm);
+}
+
+/// Discards every page of `0..len` on its own, in an order shuffled by `seed`, 256 per call:
+/// each 2 MiB block is split by 4 KiB releases until it is empty.
+pub fn discard_scattered(mm: &GuestMm, len: u64, seed: u64) {
+    let mut pages: Vec<u64> = (0..len / PAGE_SIZE).collect();
+    let mut rng = Rng(seed);
+    for i in (1..pages.len()).rev() {
+        pages.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for batch in pages.chunks(256) {
+        let ranges: Vec<GpaRange> = batch
+            .iter()
+            .map(|p| gpa_range(p * PAGE_SIZE, PAGE_SIZE).unwrap())
+            .collect();
+        mm.discard_many(&ranges).unwrap();
     }
 }
