@@ -22,8 +22,12 @@ show() {
         "$1" "$(mib "$res")" "$l4" "$l2" "$tb" "$mb" "$(echo "$b" | num actual_mib)" \
         "$(($(echo "$b" | num bytes_reported) >> 20))"
     printf '%-34s host page tables (VmPTE) %s kB | KVM nested tables %s kB | KVM table zaps %s\n' \
-        "" "$(($(echo "$vm" | num host_pte_bytes) >> 10))" \
-        "$(($(echo "$vm" | num kvm_table_bytes) >> 10))" "$(echo "$vm" | num zaps)"
+        "" "$(kb host_pte_bytes)" "$(kb kvm_table_bytes)" "$(echo "$vm" | num zaps)"
+}
+# A byte figure of the last /vm answer in kB, "?" where ebb did not give it.
+kb() {
+    _v=$(echo "$vm" | num "$1")
+    if [ -n "$_v" ]; then echo $((_v >> 10)); else echo "?"; fi
 }
 step() {
     if wait_for "EBB-INTEGRITY-WAITING" 180; then
