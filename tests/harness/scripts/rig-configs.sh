@@ -11,7 +11,7 @@
 #   l1cpu1  EBB_RIG_L1_CPUS=1
 #   rome    EBB_RIG_CPU=EPYC-Rome,+svm,+npt
 #   q72     the system's QEMU (Debian 12: 7.2) as the outer QEMU
-#   q10     the backports QEMU (10.0) that resources/setup.sh unpacks (EBB_RIG_QEMU_BACKPORTS)
+#   q10     the backports QEMU (10.0) that EBB_SETUP_QEMU_BACKPORTS=1 resources/setup.sh unpacks
 # Workloads (EBB_MEASURE_WORKLOADS, default "w4k boot"): the guest runs `integrity --mib 256`
 # and `touch --mib 256` with 2 vCPUs and 512 MiB, as tests/harness/tests/ebb_boot.rs does;
 #   boot     ebb_boot's exact flags (--hlt-in-guest, default guest RAM: 2 MiB leaves)
@@ -49,7 +49,8 @@ while :; do
                 l1cpu1) set -- EBB_RIG_L1_CPUS=1 ;;
                 rome) set -- EBB_RIG_CPU=EPYC-Rome,+svm,+npt ;;
                 q72) set -- EBB_RIG_QEMU=qemu-system-x86_64 ;;
-                q10) set -- EBB_RIG_QEMU="$qemu10" ;;
+                q10) [ -n "$qemu10" ] || { echo "q10: run EBB_SETUP_QEMU_BACKPORTS=1 resources/setup.sh" >&2; exit 2; }
+                    set -- EBB_RIG_QEMU="$qemu10" ;;
                 *) echo "unknown config $c" >&2; exit 2 ;;
             esac
             case $w in

@@ -23,9 +23,6 @@ pub struct RigImages {
     pub guest_tools: PathBuf,
     /// `resources/rig-bin` (the rig's shell helpers, used directly in host mode).
     pub rig_bin: PathBuf,
-    /// The outer QEMU `resources/setup.sh` installed for the rig (`EBB_RIG_QEMU` in `rig.env`),
-    /// if it named one.
-    pub qemu: Option<PathBuf>,
 }
 
 /// The workspace root (two levels above this crate).
@@ -141,10 +138,6 @@ impl RigImages {
             l2_initramfs: get("EBB_L2_INITRAMFS")?,
             guest_tools: get("EBB_GUEST_TOOLS")?,
             rig_bin,
-            qemu: env
-                .contains_key("EBB_RIG_QEMU")
-                .then(|| get("EBB_RIG_QEMU"))
-                .transpose()?,
         })
     }
 }

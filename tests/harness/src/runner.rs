@@ -116,8 +116,7 @@ fn env_or(name: &str, default: &str) -> String {
 
 impl Rig {
     /// Configuration from the environment: images from `EBB_CACHE` (see [`RigImages::locate`]),
-    /// `EBB_RIG_MODE`, `EBB_RIG_QEMU` (default: the QEMU `rig.env` names, else
-    /// `qemu-system-x86_64` on PATH), `EBB_RIG_L1_MEM` (MiB, 3072), `EBB_RIG_L1_CPUS` (2),
+    /// `EBB_RIG_MODE`, `EBB_RIG_QEMU` (default: `qemu-system-x86_64` on PATH), `EBB_RIG_L1_MEM` (MiB, 3072), `EBB_RIG_L1_CPUS` (2),
     /// `EBB_RIG_L1_APPEND`, `EBB_RIG_QEMU_ACCEL` ([`DEFAULT_ACCEL`]), `EBB_RIG_CPU`
     /// ([`DEFAULT_CPU`]), `EBB_RIG_ECHO=1`.
     pub fn from_env() -> Result<Self, RigError> {
@@ -125,7 +124,6 @@ impl Rig {
         let qemu = std::env::var_os("EBB_RIG_QEMU")
             .filter(|q| !q.is_empty())
             .map(PathBuf::from)
-            .or_else(|| images.qemu.clone())
             .unwrap_or_else(|| "qemu-system-x86_64".into());
         let mode = select_mode(
             std::env::var("EBB_RIG_MODE").ok().as_deref(),

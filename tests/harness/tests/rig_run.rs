@@ -103,23 +103,23 @@ fn host_mode_runs_the_same_protocol() {
     assert_eq!(out.result("touch").and_then(|r| r.u64("mib")), Some(8));
 }
 
-#[test]
-fn l1_kernel_oops_stops_the_run() {
+/// Writes `line` into L1's kernel log (as the emulator's faults produce such lines) and checks
+/// that the run stops within seconds as the named rig fault `fault`, with no re-run allowed.
+fn l1_kernel_report_stops_the_run(test: &str, line: &str, fault: RigFault) {
     let mut rig = rig();
     if rig.mode != Mode::Nested {
         // The watcher reads L1's kernel log; on a hardware-KVM host there is no L1.
         let _ = std::io::Write::write_all(
             &mut std::io::stderr(),
-            b"l1_kernel_oops_stops_the_run: skipped: host mode has no L1 kernel to watch\n",
+            format!("{test}: skipped: host mode has no L1 kernel to watch\n").as_bytes(),
         );
         return;
     }
     rig.l1_oops_retries = 0;
     let start = Instant::now();
-    // A line in L1's kernel log that looks like an oops, as the emulator's faults produce.
     let err = rig
         .run(
-            &Job::shell("echo 'BUG: rig watcher test' > /dev/kmsg; sleep 600")
+            &Job::shell(format!("echo '{line}' > /dev/kmsg; sleep 600"))
                 .timeout(Duration::from_secs(300)),
         )
         .unwrap_err();
@@ -127,44 +127,28 @@ fn l1_kernel_oops_stops_the_run() {
         panic!("expected a rig fault on every attempt, got {err}");
     };
     assert_eq!(attempts.len(), 1, "no re-run when none is allowed");
-    assert_eq!(attempts[0].fault, RigFault::L1Oops);
-    assert!(attempts[0].evidence.contains("rig watcher test"), "{err}");
+    assert_eq!(attempts[0].fault, fault);
+    assert!(attempts[0].evidence.contains(line), "{err}");
     assert!(
         start.elapsed() < Duration::from_secs(200),
-        "stopped soon after the oops"
+        "stopped soon after the report"
+    );
+}
+
+#[test]
+fn l1_kernel_oops_stops_the_run() {
+    l1_kernel_report_stops_the_run(
+        "l1_kernel_oops_stops_the_run",
+        "BUG: rig watcher test",
+        RigFault::L1Oops,
     );
 }
 
 #[test]
 fn l1_kernel_lockup_stops_the_run_within_seconds() {
-    let mut rig = rig();
-    if rig.mode != Mode::Nested {
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"l1_kernel_lockup_stops_the_run_within_seconds: skipped: host mode has no L1 kernel\n",
-        );
-        return;
-    }
-    rig.l1_oops_retries = 0;
-    let start = Instant::now();
-    // The line L1's watchdog prints for a CPU stuck in the kernel.
-    let err = rig
-        .run(
-            &Job::shell(
-                "echo 'watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [rig-test:1]' \
-                 > /dev/kmsg; sleep 600",
-            )
-            .timeout(Duration::from_secs(300)),
-        )
-        .unwrap_err();
-    let RigError::RigFaults(RigFaultError::EveryAttempt { attempts, .. }) = &err else {
-        panic!("expected a rig fault on every attempt, got {err}");
-    };
-    assert_eq!(attempts.len(), 1, "no re-run when none is allowed");
-    assert_eq!(attempts[0].fault, RigFault::L1Lockup);
-    assert!(attempts[0].evidence.contains("CPU#1 stuck"), "{err}");
-    assert!(
-        start.elapsed() < Duration::from_secs(200),
-        "stopped soon after the report"
+    l1_kernel_report_stops_the_run(
+        "l1_kernel_lockup_stops_the_run_within_seconds",
+        "watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [rig-test:1]",
+        RigFault::L1Lockup,
     );
 }
