@@ -9,7 +9,7 @@ need_tool dpkg-deb xz zstd cpio readelf sha256sum
 
 GUEST_TOOLS="${1:?usage: build-l2.sh GUEST_TOOLS_BINARY}"
 [[ -x "$GUEST_TOOLS" ]] || die "guest tools binary $GUEST_TOOLS is missing (build it with resources/setup.sh)"
-if readelf -l "$GUEST_TOOLS" | grep -q 'program interpreter'; then
+if readelf -l "$GUEST_TOOLS" | grep 'program interpreter' >/dev/null; then
     die "$GUEST_TOOLS is dynamically linked; the guest needs a static binary"
 fi
 
@@ -26,7 +26,7 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE/kernel" "$STAGE/userland" "$OUT_DIR"
 
 # --- kernel: bzImage, vmlinux, modules ---------------------------------------------------------
-KPKG="$(lock_entries "$RESOLVED_FILE" | awk '$1 ~ /^linux-image-/ { print $1; exit }')"
+KPKG="$(lock_entries "$RESOLVED_FILE" | awk '$1 ~ /^linux-image-/ && !f { print $1; f = 1 }')"
 [[ -n "$KPKG" ]] || die "no linux-image package pinned"
 KVER="${KPKG#linux-image-}"
 # The image package and, for kernels that come in parts, its parts (their names carry the release).
@@ -64,7 +64,7 @@ MODDIR="$STAGE/kernel/usr/lib/modules/$KVER"
 rm -rf "$OUT_DIR/modules"
 mkdir -p "$OUT_DIR/modules"
 for m in irqbypass kvm kvm-amd kvm-intel virtio_mmio virtio_balloon; do
-    src="$(find "$MODDIR" -name "$m.ko.xz" -o -name "$m.ko" | head -1)"
+    src="$(find "$MODDIR" -name "$m.ko.xz" -o -name "$m.ko" | sed -n 1p)"
     if [[ -z "$src" ]]; then
         # Built into the kernel (the inits load only the modules they find).
         grep -qx "CONFIG_$(tr 'a-z-' 'A-Z_' <<<"$m")=y" "$KCONFIG" && continue

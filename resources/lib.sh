@@ -30,6 +30,8 @@ use_lock() {
 }
 use_lock "$LOCK_FILE"
 
+# Scripts here run with pipefail: a pipeline whose reader stops early (head, grep -q, awk's exit)
+# can fail with SIGPIPE, depending on timing. Readers here read their whole input.
 log() { printf '[ebb-resources] %s\n' "$*" >&2; }
 die() { printf '[ebb-resources] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -90,13 +92,13 @@ lock_entries() { grep -v -e '^#' -e '^[[:space:]]*$' "${1:-$LOCK_FILE}"; }
 offered_entry() {
     papt apt-cache show "$1=$2" 2>/dev/null | awk -v p="$1" -v v="$2" '
         /^SHA256: / { s = $2 } /^Filename: / { f = $2 }
-        /^$/ { if (s != "" && f != "") { print p, v, s, f; found = 1; exit } }
+        /^$/ { if (s != "" && f != "" && !found) { print p, v, s, f; found = 1 } }
         END { if (!found && s != "" && f != "") print p, v, s, f }'
 }
 
 # The version apt would install of a package (its candidate), if the suites offer one.
 candidate_version() {
-    papt apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { if ($2 != "(none)") print $2; exit }'
+    papt apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ && !f { if ($2 != "(none)") print $2; f = 1 }'
 }
 
 # "major.minor" of a Debian cloud kernel image package name (linux-image-6.18.15+deb13-cloud-amd64,
@@ -157,7 +159,7 @@ resolve_pin() {
 # linux-modules-R in Debian's 7.x kernels; none in 6.x, whose image package holds everything).
 kernel_parts() {
     local name=$1 version=$2 release=${1#linux-image-} dep
-    for dep in $(papt apt-cache show "$name=$version" 2>/dev/null | sed -n 's/^Depends: //p' | head -1 |
+    for dep in $(papt apt-cache show "$name=$version" 2>/dev/null | sed -n 's/^Depends: //p' | sed -n 1p |
         tr ',' '\n' | sed -nE "s/^ *(linux-[a-z-]+-$(sed 's/[.+]/\\&/g' <<<"$release")) \(= ([^)]*)\).*/\1=\2/p"); do
         [[ "${dep#*=}" == "$version" ]] || continue
         offered_entry "${dep%%=*}" "$version"
@@ -198,7 +200,7 @@ check_kernel_config() {
 deb_path() {
     local name="$1" line
     [[ -f "$RESOLVED_FILE" ]] || die "$RESOLVED_FILE missing: run resources/fetch.sh"
-    line="$(lock_entries "$RESOLVED_FILE" | awk -v n="$name" '$1 == n { print; exit }')"
+    line="$(lock_entries "$RESOLVED_FILE" | awk -v n="$name" '$1 == n && !f { print; f = 1 }')"
     [[ -n "$line" ]] || die "package '$name' is not pinned in $LOCK_FILE"
     local file sha
     file="$DEB_DIR/$(basename "$(awk '{print $4}' <<<"$line")")"

@@ -13,7 +13,7 @@ HOST_PACKAGES=(qemu-system-x86 busybox-static xz-utils zstd cpio)
 install_host_packages() {
     local missing=() p
     for p in "${HOST_PACKAGES[@]}"; do
-        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null; then
             missing+=("$p")
         fi
     done
@@ -66,7 +66,7 @@ exec "$root/root/usr/bin/qemu-system-x86_64" -L "$root/root/usr/share/qemu" \
     -L "$root/root/usr/share/seabios" "\$@"
 WRAP
     chmod 755 "$RIG_QEMU"
-    "$RIG_QEMU" --version | head -1 >&2 || die "the rig's QEMU does not run on this host"
+    "$RIG_QEMU" --version | sed -n 1p >&2 || die "the rig's QEMU does not run on this host"
     echo "$stamp" >"$root/stamp"
 }
 
