@@ -381,7 +381,8 @@ impl VmMemory {
             return Err(MemoryError::Discard(std::io::Error::last_os_error()));
         }
         // Whole 2 MiB blocks released (the host frees their PTE page with PT_RECLAIM).
-        let blocks = ((gpa + len) >> 21).saturating_sub(gpa.div_ceil(1 << 21));
+        let block = guest_mm::BLOCK_SIZE;
+        let blocks = ((gpa + len) / block).saturating_sub(gpa.div_ceil(block));
         self.zap.blocks_emptied.fetch_add(blocks, Ordering::Relaxed);
         Ok(len)
     }
