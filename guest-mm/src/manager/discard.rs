@@ -33,7 +33,11 @@ pub struct DiscardSummary {
     pub release_calls: u64,
     /// Tables freed per level (0 = PT .. 3 = PML4).
     pub tables_freed: [u64; LEVELS],
-    /// 2 MiB blocks released whole because their PT table was freed.
+    /// 2 MiB blocks released whole, in one call covering the aligned block (so the host frees
+    /// its PTE page too). With a fault path: the blocks whose PT table the discard freed.
+    /// Without one: the whole blocks inside the merged release runs, which include every
+    /// block the discard touched whose pages the balloon all holds (see
+    /// [`GuestMm::hold`]).
     pub blocks_released: u64,
     /// Pages the host kept although they were released (a 2 MiB host page it could not split);
     /// their leaves were recorded again, so the tables stay exact. See
@@ -62,6 +66,11 @@ impl GuestMm {
     /// `true` before discarding the pages, so that no fill races in between. All ranges are
     /// checked first; a refused request changes nothing. Counts are per page and saturate, so
     /// the caller must not hold a page twice (the balloon's frame bitmap sees to that).
+    ///
+    /// The counts are kept without a fault path too, where they serve the release: a discard
+    /// that touches a 2 MiB block whose pages are all held releases the whole block in one
+    /// call (no page of it is in use), so the host frees its PTE page, which 4 KiB releases
+    /// emptying the block one page at a time never do.
     pub fn hold(&self, ranges: &[GpaRange], held: bool) -> Result<(), ManagerError> {
         let regions = ranges
             .iter()
@@ -126,6 +135,8 @@ impl Inner {
         let mut blocks = 0u64;
         let mut table_err = None;
         let eager = self.release.is_eager();
+        // Without a fault path there are no leaves and no tables to free; see below.
+        let untracked_eager = eager && self.uffd.is_none();
         for (r, &ri) in ranges.iter().zip(regions) {
             let region = &self.regions[ri];
             let emptied = match op {
@@ -164,7 +175,18 @@ impl Inner {
             if op == Op::Discard {
                 // The requested range itself: pages in it without a leaf are not present, so
                 // covering them costs the host nothing and joins neighbouring runs.
-                runs.push((ri, r.start() - region.gpa, r.end() - region.gpa));
+                let (s, e) = (r.start() - region.gpa, r.end() - region.gpa);
+                runs.push((ri, s, e));
+                if untracked_eager {
+                    // No leaves tell which blocks are empty, but a block whose pages are all
+                    // held is unused by the guest: release it whole.
+                    let first = s - s % BLOCK_SIZE;
+                    for b in (first..e).step_by(BLOCK_SIZE as usize) {
+                        if region.block_all_held(b) {
+                            runs.push((ri, b, b + BLOCK_SIZE));
+                        }
+                    }
+                }
             }
             for b in &emptied {
                 // Only blocks this request touched can have been emptied by it, and those are
@@ -180,8 +202,15 @@ impl Inner {
                 }
             }
         }
-        sum.blocks_released = blocks;
         let runs = merge_runs(runs);
+        if untracked_eager {
+            // Every whole aligned block inside a run is released by one call over it, which
+            // frees the host's PTE page of the block (`CONFIG_PT_RECLAIM`; memfd backings
+            // follow their release with that `MADV_DONTNEED`). Two discards racing over one
+            // held block may both release it, and both count it.
+            blocks = runs.iter().map(|&(_, s, e)| whole_blocks(s, e)).sum();
+        }
+        sum.blocks_released = blocks;
         let release_res = self.release_runs(&runs, &mut sum);
         if let Some(e) = table_err {
             return Err(ManagerError::Table(e));
@@ -315,6 +344,11 @@ fn partial_pieces(s: u64, e: u64) -> impl Iterator<Item = (u64, u64)> {
     head.into_iter().chain(tail)
 }
 
+/// The aligned 2 MiB blocks wholly inside offsets `s..e`.
+fn whole_blocks(s: u64, e: u64) -> u64 {
+    (e / BLOCK_SIZE).saturating_sub(s.div_ceil(BLOCK_SIZE))
+}
+
 fn add(acc: &mut [u64; LEVELS], v: &[u64; LEVELS]) {
     for (a, b) in acc.iter_mut().zip(v) {
         *a += b;
@@ -337,5 +371,16 @@ mod tests {
         assert_eq!(v(P, 3 * B), vec![(P, B)]);
         assert_eq!(v(B, 2 * B + P), vec![(2 * B, 2 * B + P)]);
         assert_eq!(v(P, 3 * B + P), vec![(P, B), (3 * B, 3 * B + P)]);
+    }
+
+    #[test]
+    fn whole_blocks_counts_aligned_blocks_inside() {
+        const B: u64 = BLOCK_SIZE;
+        const P: u64 = PAGE_SIZE;
+        assert_eq!(whole_blocks(0, B), 1);
+        assert_eq!(whole_blocks(0, B - P), 0);
+        assert_eq!(whole_blocks(P, 2 * B), 1);
+        assert_eq!(whole_blocks(P, B + P), 0);
+        assert_eq!(whole_blocks(B, 5 * B + P), 4);
     }
 }

@@ -9,7 +9,8 @@
 //! the tables that became empty (per strategy) and releases the host memory, merging what it
 //! releases into as few calls as possible and releasing the whole 2 MiB block of every freed
 //! PT table in one aligned call, so that the host kernel frees its own PTE page at the same
-//! moment. See `docs/DESIGN-guest-mm.md`, "Fault path", for why faults and discards cannot
+//! moment. Without a fault path there are no leaves; a discard then releases whole, in the same
+//! way, every block it touches whose pages the balloon all holds ([`GuestMm::hold`]). See `docs/DESIGN-guest-mm.md`, "Fault path", for why faults and discards cannot
 //! leave a phantom or lost leaf.
 
 mod discard;
@@ -88,7 +89,9 @@ pub enum FillMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultConfig {
     /// Handler threads; 0 disables the fault path (no userfaultfd: pages are not tracked as
-    /// leaves, and discards release exactly what they are asked to).
+    /// leaves, and discards release what they are asked to, plus, with an eager release
+    /// mode, every 2 MiB block they touch whose pages are all held; see
+    /// [`GuestMm::hold`]).
     pub handler_threads: usize,
     /// Pages filled per fault when none of the aligned window around it is populated
     /// (1 = off; a power of two up to [`MAX_FAULT_AROUND_PAGES`]). 4 KiB fills stay inside
@@ -463,6 +466,26 @@ impl GuestMm {
         r.backing
             .residency(range.start() - r.gpa, range.len(), out)
             .map_err(ManagerError::Release)
+    }
+
+    /// 4 KiB pages of every region present in the host (mincore: for anonymous memory, pages
+    /// mapped; for memfd, pages in the file), read 1 GiB at a time.
+    pub fn resident_pages(&self) -> Result<u64, ManagerError> {
+        const CHUNK: u64 = 1 << 30;
+        let mut res = Vec::new();
+        let mut count = 0;
+        for r in &self.inner.regions {
+            let mut off = 0;
+            while off < r.len {
+                let len = (r.len - off).min(CHUNK);
+                r.backing
+                    .residency(off, len, &mut res)
+                    .map_err(ManagerError::Release)?;
+                count += res.iter().filter(|b| *b & 1 != 0).count() as u64;
+                off += len;
+            }
+        }
+        Ok(count)
     }
 
     /// Waits (up to `timeout`) until the fault path holds no deferred or half-handled fault;

@@ -74,6 +74,14 @@ impl Region {
             .sum()
     }
 
+    /// Whether the 2 MiB block at region offset `block_off` (aligned) lies wholly inside the
+    /// region and every one of its pages is held: the guest uses none of them, so the whole
+    /// block may be released at once.
+    pub fn block_all_held(&self, block_off: u64) -> bool {
+        block_off + BLOCK_SIZE <= self.len
+            && u64::from(self.block(block_off).held) == BLOCK_SIZE / PAGE_SIZE
+    }
+
     /// Adds (`hold`) or removes the pages of `r` (inside the region) to or from the held count
     /// of each block it covers.
     pub fn hold(&self, r: &GpaRange, hold: bool) {

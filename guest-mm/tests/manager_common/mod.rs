@@ -136,16 +136,27 @@ pub fn touch_all(mm: &Arc<GuestMm>, len: u64) {
 /// Discards every page of `0..len` on its own, in an order shuffled by `seed`, 256 per call:
 /// each 2 MiB block is split by 4 KiB releases until it is empty.
 pub fn discard_scattered(mm: &GuestMm, len: u64, seed: u64) {
+    discard_scattered_as(mm, len, seed, false);
+}
+
+/// As [`discard_scattered`]; with `hold`, each call's pages are first held (`GuestMm::hold`,
+/// as the balloon's inflate does). Returns the summed `blocks_released`.
+pub fn discard_scattered_as(mm: &GuestMm, len: u64, seed: u64, hold: bool) -> u64 {
     let mut pages: Vec<u64> = (0..len / PAGE_SIZE).collect();
     let mut rng = Rng(seed);
     for i in (1..pages.len()).rev() {
         pages.swap(i, rng.below(i as u64 + 1) as usize);
     }
+    let mut blocks = 0;
     for batch in pages.chunks(256) {
         let ranges: Vec<GpaRange> = batch
             .iter()
             .map(|p| gpa_range(p * PAGE_SIZE, PAGE_SIZE).unwrap())
             .collect();
-        mm.discard_many(&ranges).unwrap();
+        if hold {
+            mm.hold(&ranges, true).unwrap();
+        }
+        blocks += mm.discard_many(&ranges).unwrap().blocks_released;
     }
+    blocks
 }
