@@ -31,7 +31,8 @@ pub struct Cli {
     /// JSON file with the same fields; command-line flags override it.
     #[arg(long = "config", alias = "config-file")]
     pub config: Option<PathBuf>,
-    /// Do not track guest pages (plain anonymous memory, for comparison).
+    /// Do not track guest pages (anonymous memory without guest-mm's fault path, for
+    /// comparison).
     #[arg(long = "no-track")]
     pub no_track: bool,
     /// userfaultfd handler threads when tracking.

@@ -1,8 +1,11 @@
-//! Guest RAM: one host mapping, seen by KVM as a memslot and by devices and loaders through
+//! Guest RAM: one guest-mm region, seen by KVM as a memslot and by devices and loaders through
 //! vm-memory.
 //!
-//! This is the only module of `vmm` that maps memory. The mapping is created once and kept
-//! until the process exits, so every `GuestMemoryMmap` clone handed to a device stays valid.
+//! Tracked or not, guest RAM is a guest-mm region: this module only chooses its spec (backing,
+//! release mode, fault path or none) and wraps guest-mm's mapping for vm-memory. Every host
+//! memory call (mmap, madvise, mincore, fallocate) is guest-mm's. The mapping lives as long as
+//! [`VmMemory`], which the VMM keeps until the process exits, so every `GuestMemoryMmap` clone
+//! handed to a device stays valid.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,24 +15,16 @@ use guest_mm::backing::ReleaseMode;
 use guest_mm::manager::{BackingSpec, FaultConfig, FillMode, GuestMm, ManagerError, RegionSpec};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-/// Why guest RAM could not be set up or inspected.
+/// Why guest RAM could not be set up, released or inspected.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// mmap of the guest RAM failed.
-    #[error("cannot map {bytes} bytes of guest RAM")]
-    Map {
-        /// Requested size.
-        bytes: u64,
-        /// The mmap error.
-        #[source]
-        source: std::io::Error,
-    },
     /// vm-memory refused the mapping.
     #[error("cannot describe guest RAM to vm-memory: {0}")]
     Region(String),
-    /// guest-mm refused the layout or could not start its fault path.
-    #[error("guest-mm could not set up guest RAM")]
-    Tracker(#[source] ManagerError),
+    /// guest-mm refused a request or failed: setting up the region or its fault path,
+    /// releasing host memory, reading residency.
+    #[error("guest-mm failed on guest RAM")]
+    Manager(#[source] ManagerError),
     /// A discard range is unaligned, empty or outside guest RAM.
     #[error("range {gpa:#x}+{len:#x} is not an aligned range inside guest RAM")]
     BadRange {
@@ -38,12 +33,6 @@ pub enum MemoryError {
         /// Length.
         len: u64,
     },
-    /// madvise failed.
-    #[error("cannot release guest memory")]
-    Discard(#[source] std::io::Error),
-    /// mincore failed.
-    #[error("cannot query residency of guest RAM")]
-    Mincore(#[source] std::io::Error),
 }
 
 /// The host mapping that backs guest RAM at guest-physical address 0.
@@ -53,71 +42,20 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
 }
 
-// SAFETY: `host` points to a process-lifetime shared mapping; the pointer itself is only
-// read, and all accesses to the memory go through vm-memory's volatile accessors or KVM.
+// SAFETY: `host` points to guest-mm's mapping, which outlives every user of the `GuestRam` (see
+// `VmMemory`); the pointer itself is only read, and all accesses to the memory go through
+// vm-memory's volatile accessors or KVM.
 unsafe impl Send for GuestRam {}
 // SAFETY: as for `Send`: no interior state is mutated through `&GuestRam`.
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    /// Maps `size` bytes of anonymous private memory (not reserved up front); `thp: false`
-    /// marks it `MADV_NOHUGEPAGE`.
-    pub fn anonymous(size: u64, thp: bool) -> Result<Self, MemoryError> {
-        let len = usize::try_from(size).map_err(|_| MemoryError::Map {
-            bytes: size,
-            source: std::io::Error::from_raw_os_error(libc::EINVAL),
-        })?;
-        // SAFETY: a fresh anonymous mapping with no address hint; it aliases nothing and the
-        // result is checked before use.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(MemoryError::Map {
-                bytes: size,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let host = NonNull::new(addr.cast::<u8>()).ok_or(MemoryError::Map {
-            bytes: size,
-            source: std::io::Error::from_raw_os_error(libc::EFAULT),
-        })?;
-        let advice = if thp {
-            libc::MADV_HUGEPAGE
-        } else {
-            libc::MADV_NOHUGEPAGE
-        };
-        // SAFETY: advice on the mapping just created; it changes no contents.
-        let rc = unsafe { libc::madvise(addr, len, advice) };
-        if rc != 0 {
-            log::warn!(
-                "madvise({}) on guest RAM failed: {}",
-                if thp {
-                    "MADV_HUGEPAGE"
-                } else {
-                    "MADV_NOHUGEPAGE"
-                },
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: `host`/`len` is the mapping just created; it is never unmapped, so it
-        // outlives every region built from it.
-        unsafe { Self::from_raw(host, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) }
-    }
-
     /// Wraps an existing mapping of `size` bytes at `host`, made with mmap `flags`, as guest
     /// RAM at address 0.
     ///
     /// # Safety
-    /// `host..host+size` must be a readable and writable mapping that stays mapped for the
-    /// rest of the process's life.
+    /// `host..host+size` must be a readable and writable mapping that stays mapped as long as
+    /// the returned value and every clone of its [`memory`](Self::memory) are used.
     pub unsafe fn from_raw(
         host: NonNull<u8>,
         size: usize,
@@ -182,43 +120,17 @@ impl GuestRam {
         }
         Some(kb * 1024)
     }
-
-    /// Counts the 4 KiB pages of guest RAM that are resident in the host.
-    pub fn resident_pages(&self) -> Result<u64, MemoryError> {
-        const CHUNK: usize = 1 << 30;
-        let mut vec = vec![0u8; CHUNK >> 12];
-        let mut count = 0u64;
-        let mut off = 0usize;
-        while off < self.size {
-            let len = (self.size - off).min(CHUNK);
-            // SAFETY: `off..off+len` lies inside the live guest mapping and `vec` has one
-            // byte for each of its `len / 4096` pages.
-            let rc = unsafe {
-                libc::mincore(
-                    self.host.as_ptr().add(off).cast(),
-                    len,
-                    vec.as_mut_ptr().cast(),
-                )
-            };
-            if rc != 0 {
-                return Err(MemoryError::Mincore(std::io::Error::last_os_error()));
-            }
-            count += vec[..len.div_ceil(4096)]
-                .iter()
-                .filter(|b| **b & 1 != 0)
-                .count() as u64;
-            off += len;
-        }
-        Ok(count)
-    }
 }
 
-/// Guest RAM plus, when tracking is on, guest-mm's userfaultfd fault path over it.
+/// Guest RAM: guest-mm's region (with its userfaultfd fault path when tracking) and its
+/// vm-memory view.
 pub struct VmMemory {
+    // Dropped first: the view goes before guest-mm unmaps the memory.
     ram: GuestRam,
-    tracker: Option<GuestMm>,
-    /// 2 MiB blocks that give-backs emptied (guest-mm freed their PT table; untracked: whole
-    /// blocks released), and KVM's table zaps (see [`VmMemory::kvm_zap_due`]).
+    mm: GuestMm,
+    /// 2 MiB blocks that give-backs emptied (guest-mm's `blocks_released`: tracked, blocks whose
+    /// PT table it freed; untracked, whole blocks released), and KVM's table zaps (see
+    /// [`VmMemory::kvm_zap_due`]).
     zap: ZapCounters,
 }
 
@@ -233,23 +145,19 @@ struct ZapCounters {
 }
 
 impl VmMemory {
-    /// Sets up guest RAM for `config`: a guest-mm region with fault handlers when tracking,
-    /// a plain anonymous mapping otherwise.
+    /// Sets up guest RAM for `config`: a guest-mm region, with fault handlers when tracking.
     ///
     /// Tracked RAM with huge pages allowed (the default) is a memfd that guest-mm fills a whole
     /// 2 MiB block at a time (one 2 MiB leaf per block, one host PMD where the host gives shmem
     /// huge pages), released with `fallocate(PUNCH_HOLE)`. With `--no-thp` it is anonymous
-    /// memory in 4 KiB pages, released with `MADV_DONTNEED`.
+    /// memory in 4 KiB pages, released with `MADV_DONTNEED`. Untracked RAM (`--no-track`) is
+    /// anonymous memory without a fault path (`MADV_HUGEPAGE`, or `MADV_NOHUGEPAGE` with
+    /// `--no-thp`), released with `MADV_DONTNEED`.
     pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
-        if !config.track {
-            let ram = GuestRam::anonymous(config.memory_bytes(), config.thp)?;
-            return Ok(VmMemory {
-                ram,
-                tracker: None,
-                zap: ZapCounters::default(),
-            });
-        }
-        let (backing, release) = if config.thp {
+        let (backing, release) = if !config.track {
+            let backing = BackingSpec::Anonymous { thp: config.thp };
+            (backing, ReleaseMode::DontNeed)
+        } else if config.thp {
             if !guest_mm::backing::shmem_huge_pages_available() {
                 log::warn!(
                     "this host gives shared memory no 2 MiB pages \
@@ -271,13 +179,20 @@ impl VmMemory {
             len: config.memory_bytes(),
             backing,
         };
+        let memfd = matches!(spec.backing, BackingSpec::Memfd { .. });
         let faults = FaultConfig {
-            handler_threads: config.fault_threads,
+            // 0: no userfaultfd, no leaves; the region is mapped, released and read for
+            // residency all the same.
+            handler_threads: if config.track {
+                config.fault_threads
+            } else {
+                0
+            },
             fault_around_pages: config.fault_around,
             fill: FillMode::default(),
         };
         let mm = GuestMm::new(&[spec], Strategy::Count, release, faults)
-            .map_err(MemoryError::Tracker)?;
+            .map_err(MemoryError::Manager)?;
         let region = mm
             .regions()
             .first()
@@ -287,7 +202,7 @@ impl VmMemory {
             .ok_or_else(|| MemoryError::Region("guest-mm region at address 0".to_owned()))?;
         let len = usize::try_from(region.len)
             .map_err(|_| MemoryError::Region("region too large".to_owned()))?;
-        let flags = if config.thp {
+        let flags = if memfd {
             libc::MAP_SHARED
         } else {
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
@@ -298,7 +213,7 @@ impl VmMemory {
         let ram = unsafe { GuestRam::from_raw(host, len, flags)? };
         Ok(VmMemory {
             ram,
-            tracker: Some(mm),
+            mm,
             zap: ZapCounters::default(),
         })
     }
@@ -318,26 +233,25 @@ impl VmMemory {
         self.ram.memory()
     }
 
-    /// guest-mm, when tracking.
-    pub fn tracker(&self) -> Option<&GuestMm> {
-        self.tracker.as_ref()
+    /// guest-mm, which holds guest RAM.
+    pub fn guest_mm(&self) -> &GuestMm {
+        &self.mm
     }
 
-    /// Gives the host memory behind guest-physical `gpa..gpa+len` back (the balloon's path):
-    /// through guest-mm when tracking (leaves and empty tables go too), with a plain
-    /// `MADV_DONTNEED` otherwise. Returns the bytes released. The range must be 4 KiB aligned
-    /// and inside guest RAM; anything else is refused and nothing changes.
+    /// Whether guest-mm's fault path tracks every page (`--no-track` turns it off).
+    pub fn tracked(&self) -> bool {
+        self.mm.tracks_faults()
+    }
+
+    /// Gives the host memory behind guest-physical `gpa..gpa+len` back (the balloon's path)
+    /// through guest-mm (when tracking, leaves and empty tables go too). Returns the bytes
+    /// released. The range must be 4 KiB aligned and inside guest RAM; anything else is refused
+    /// and nothing changes.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
-        self.check_range(gpa, len)?;
-        if let Some(mm) = &self.tracker {
-            let range = guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Tracker)?;
-            let summary = mm.discard(range).map_err(MemoryError::Tracker)?;
-            return Ok(self.count(&summary));
-        }
-        self.dontneed(gpa, len)
+        self.discard_many(&[(gpa, len)])
     }
 
-    /// Counts the blocks a tracked give-back emptied; returns its bytes released.
+    /// Counts the blocks a give-back emptied; returns its bytes released.
     fn count(&self, summary: &guest_mm::manager::DiscardSummary) -> u64 {
         self.zap
             .blocks_emptied
@@ -366,57 +280,31 @@ impl VmMemory {
         z.zap_ns_max.fetch_max(ns, Ordering::Relaxed);
     }
 
-    /// The untracked release of a range already checked by [`check_range`](Self::check_range).
-    fn dontneed(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
-        // SAFETY: the caller checked that the range lies inside the live guest mapping;
-        // MADV_DONTNEED on private anonymous memory only drops pages, which read back as zeros.
-        let rc = unsafe {
-            libc::madvise(
-                self.ram.host.as_ptr().add(gpa as usize).cast(),
-                len as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if rc != 0 {
-            return Err(MemoryError::Discard(std::io::Error::last_os_error()));
-        }
-        // Whole 2 MiB blocks released (the host frees their PTE page with PT_RECLAIM).
-        let block = guest_mm::BLOCK_SIZE;
-        let blocks = ((gpa + len) / block).saturating_sub(gpa.div_ceil(block));
-        self.zap.blocks_emptied.fetch_add(blocks, Ordering::Relaxed);
-        Ok(len)
-    }
-
     /// Gives back many ranges in one call (a balloon chain's runs): every range is checked
-    /// first, and if any is bad nothing is released. With tracking, guest-mm clears all their
-    /// leaves and frees emptied tables in one pass and merges the host releases (one syscall
-    /// per merged run instead of one per range). Returns the bytes released.
+    /// first, and if any is bad nothing is released. guest-mm merges the host releases (one
+    /// syscall per merged run instead of one per range); with tracking it also clears all
+    /// their leaves and frees emptied tables in one pass. Returns the bytes released.
     pub fn discard_many(&self, ranges: &[(u64, u64)]) -> Result<u64, MemoryError> {
-        let Some(mm) = &self.tracker else {
-            for &(gpa, len) in ranges {
-                self.check_range(gpa, len)?;
-            }
-            let mut bytes = 0;
-            for &(gpa, len) in ranges {
-                bytes += self.dontneed(gpa, len)?;
-            }
-            return Ok(bytes);
-        };
         let ranges = self.checked_ranges(ranges)?;
-        let summary = mm.discard_many(&ranges).map_err(MemoryError::Tracker)?;
+        let summary = self
+            .mm
+            .discard_many(&ranges)
+            .map_err(MemoryError::Manager)?;
         Ok(self.count(&summary))
     }
 
-    /// The balloon's inflate: marks the ranges as held by the guest (no block fill or
-    /// fault-around window will bring them back; see `GuestMm::hold`), then discards them like
-    /// [`discard_many`](Self::discard_many). Returns the bytes released.
+    /// The balloon's inflate: marks the ranges as held by the guest (see `GuestMm::hold`), then
+    /// discards them like [`discard_many`](Self::discard_many). Tracked, no block fill or
+    /// fault-around window brings them back; untracked, a 2 MiB block whose pages are then all
+    /// held is released whole, so the host frees its page-table page. Returns the bytes
+    /// released.
     pub fn discard_held(&self, ranges: &[(u64, u64)]) -> Result<u64, MemoryError> {
-        let Some(mm) = &self.tracker else {
-            return self.discard_many(ranges);
-        };
         let granges = self.checked_ranges(ranges)?;
-        mm.hold(&granges, true).map_err(MemoryError::Tracker)?;
-        let summary = mm.discard_many(&granges).map_err(MemoryError::Tracker)?;
+        self.mm.hold(&granges, true).map_err(MemoryError::Manager)?;
+        let summary = self
+            .mm
+            .discard_many(&granges)
+            .map_err(MemoryError::Manager)?;
         Ok(self.count(&summary))
     }
 
@@ -424,16 +312,13 @@ impl VmMemory {
     /// more than the faulting page again once nothing in the block is held. Nothing else
     /// happens now (the pages come back when the guest touches them).
     pub fn unhold(&self, ranges: &[(u64, u64)]) -> Result<(), MemoryError> {
-        let Some(mm) = &self.tracker else {
-            return Ok(());
-        };
         let granges = self.checked_ranges(ranges)?;
-        mm.hold(&granges, false).map_err(MemoryError::Tracker)
+        self.mm.hold(&granges, false).map_err(MemoryError::Manager)
     }
 
-    /// Pages the balloon holds, as guest-mm counts them (0 untracked).
+    /// Pages the balloon holds, as guest-mm counts them (tracked or not).
     pub fn held_pages(&self) -> u64 {
-        self.tracker.as_ref().map_or(0, GuestMm::held_pages)
+        self.mm.held_pages()
     }
 
     /// Refuses a range that is empty, not 4 KiB aligned or not inside guest RAM.
@@ -456,14 +341,15 @@ impl VmMemory {
             .iter()
             .map(|&(gpa, len)| {
                 self.check_range(gpa, len)?;
-                guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Tracker)
+                guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Manager)
             })
             .collect()
     }
 
     /// Current memory figures; `exact` also walks the tables for the minimum (slower).
     pub fn report(&self) -> Result<crate::report::MemoryReport, MemoryError> {
-        let tracked = self.tracker.as_ref().map(|mm| {
+        let mm = &self.mm;
+        let tracked = mm.tracks_faults().then(|| {
             // Let in-flight faults finish so the figures are consistent.
             mm.settle_faults(std::time::Duration::from_millis(200));
             let st = mm.stats();
@@ -481,7 +367,7 @@ impl VmMemory {
         let (host_pte_bytes, kvm_table_bytes) = crate::report::host_table_bytes();
         Ok(crate::report::MemoryReport {
             guest_bytes: self.ram.size() as u64,
-            resident_pages: self.ram.resident_pages()?,
+            resident_pages: mm.resident_pages().map_err(MemoryError::Manager)?,
             host_huge_bytes: self.ram.host_huge_bytes(),
             host_pte_bytes,
             kvm_table_bytes,
@@ -502,41 +388,112 @@ mod tests {
     use vm_memory::Bytes;
 
     #[test]
-    fn anonymous_ram_is_usable_and_residency_counts() {
-        let ram = GuestRam::anonymous(16 << 20, false).unwrap();
-        assert_eq!(ram.size(), 16 << 20);
-        assert_eq!(ram.resident_pages().unwrap(), 0);
+    fn untracked_ram_is_usable_and_residency_counts() {
+        let m = untracked(64);
+        assert!(!m.tracked());
+        assert_eq!(m.size(), 64 << 20);
+        assert_eq!(m.host_addr() % (2 << 20), 0, "guest-mm maps 2 MiB aligned");
+        assert_eq!(m.report().unwrap().resident_pages, 0);
         for page in 0..10u64 {
-            ram.memory()
+            m.vm_memory()
                 .write_obj(0xabu8, GuestAddress(page * 4096))
                 .unwrap();
         }
-        assert_eq!(ram.resident_pages().unwrap(), 10);
-        assert!(ram.memory().write_obj(1u8, GuestAddress(16 << 20)).is_err());
+        let r = m.report().unwrap();
+        assert_eq!(r.resident_pages, 10);
+        assert!(
+            r.tracked.is_none(),
+            "no tracking figures without the fault path"
+        );
+        assert!(
+            m.vm_memory()
+                .write_obj(1u8, GuestAddress(64 << 20))
+                .is_err()
+        );
     }
 
+    /// Untracked guest RAM (`--no-track --no-thp`): guest-mm's region without a fault path.
     fn untracked(mib: u64) -> VmMemory {
-        VmMemory {
-            ram: GuestRam::anonymous(mib << 20, false).unwrap(),
-            tracker: None,
-            zap: ZapCounters::default(),
+        let file = crate::config::ConfigFile {
+            kernel: Some(std::env::current_exe().unwrap()),
+            memory_mib: Some(mib),
+            track: Some(false),
+            thp: Some(false),
+            ..Default::default()
+        };
+        let config = crate::config::VmConfig::validate(file).unwrap();
+        VmMemory::new(&config).unwrap()
+    }
+
+    fn resident(m: &VmMemory) -> u64 {
+        m.report().unwrap().resident_pages
+    }
+
+    #[test]
+    fn untracked_balloon_blocks_are_released_whole() {
+        let m = untracked(64);
+        // Blocks 1 and 2 written whole, page by page.
+        for page in 512..3 * 512u64 {
+            m.vm_memory()
+                .write_obj(3u8, GuestAddress(page * 4096))
+                .unwrap();
         }
+        assert_eq!(resident(&m), 2 * 512);
+        // The balloon takes block 1 in 4 KiB pieces, odd pages first, one chain each: the
+        // first chain empties no block, the second completes the block's hold and releases it
+        // whole (one call over the block: its bytes are what that chain released).
+        for (parity, released) in [(1, 256 * 4096), (0, 2 << 20)] {
+            let pieces: Vec<(u64, u64)> = (0..512u64)
+                .filter(|p| p % 2 == parity)
+                .map(|p| ((2 << 20) + p * 4096, 4096))
+                .collect();
+            assert_eq!(m.discard_held(&pieces).unwrap(), released);
+            assert_eq!(
+                m.kvm_zap_due(1),
+                parity == 0,
+                "a block counts once all its pages are held"
+            );
+        }
+        assert!(!m.kvm_zap_due(2));
+        assert_eq!(m.held_pages(), 512);
+        assert_eq!(resident(&m), 512);
+        // Block 2 given back in 4 KiB pieces without holding them (free page reporting): its
+        // pages go, but no block counts (nothing says the guest will not touch the rest).
+        let pieces: Vec<(u64, u64)> = (0..512u64)
+            .map(|p| ((4 << 20) + p * 4096, 4096))
+            .filter(|&(gpa, _)| gpa % 8192 == 0)
+            .collect();
+        m.discard_many(&pieces).unwrap();
+        assert_eq!(resident(&m), 256);
+        assert!(!m.kvm_zap_due(2));
+        // A refused inflate holds nothing.
+        assert!(matches!(
+            m.discard_held(&[(0, 4096), (64 << 20, 4096)]),
+            Err(MemoryError::BadRange { .. })
+        ));
+        assert_eq!(m.held_pages(), 512);
+        // Deflate: the guest takes block 1 back and reads zeros.
+        m.unhold(&[(2 << 20, 2 << 20)]).unwrap();
+        assert_eq!(m.held_pages(), 0);
+        let v: u8 = m.vm_memory().read_obj(GuestAddress(3 << 20)).unwrap();
+        assert_eq!(v, 0);
+        assert_eq!(m.report().unwrap().kvm_zaps.blocks_emptied, 1);
     }
 
     #[test]
     fn discard_checks_the_range_and_releases() {
-        let m = untracked(4);
+        let m = untracked(64);
         for page in 0..8u64 {
             m.vm_memory()
                 .write_obj(7u8, GuestAddress(page * 4096))
                 .unwrap();
         }
-        assert_eq!(m.ram.resident_pages().unwrap(), 8);
+        assert_eq!(resident(&m), 8);
         for (gpa, len) in [
             (1, 4096),
             (0, 100),
             (0, 0),
-            (4 << 20, 4096),
+            (64 << 20, 4096),
             (u64::MAX - 4095, 4096),
         ] {
             assert!(matches!(
@@ -545,7 +502,7 @@ mod tests {
             ));
         }
         assert_eq!(m.discard(0, 4 * 4096).unwrap(), 4 * 4096);
-        assert_eq!(m.ram.resident_pages().unwrap(), 4);
+        assert_eq!(resident(&m), 4);
         let v: u8 = m.vm_memory().read_obj(GuestAddress(0)).unwrap();
         assert_eq!(v, 0);
     }
