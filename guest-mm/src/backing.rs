@@ -112,6 +112,17 @@ pub enum BackingError {
         /// Backing kind.
         kind: BackingKind,
     },
+    /// Collapsing a block into one huge page failed (the host keeps its small pages).
+    #[error("collapsing {offset:#x}+{len:#x} into a 2 MiB page failed")]
+    Collapse {
+        /// Offset into the backing.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The failed call.
+        #[source]
+        source: SysError,
+    },
     /// Filling a block failed.
     #[error("filling {offset:#x}+{len:#x} failed")]
     Fill {
@@ -151,6 +162,14 @@ pub trait HostBacking: Send + Sync + fmt::Debug {
     /// mapping (so no userfault is raised); the next access through the main mapping maps them,
     /// as one 2 MiB host mapping per block where the host's page cache holds a huge page.
     fn fill_blocks(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        Err(BackingError::NoBlockFill { kind: self.kind() })
+    }
+    /// Replaces the small host pages of the whole 2 MiB blocks `offset..offset + len`, every
+    /// page of which is present, by one 2 MiB page per block mapped with one PMD, and frees the
+    /// host PTE pages that mapped them (the re-promotion of a block split by partial
+    /// releases). Only backings that fill blocks can.
+    fn collapse(&self, offset: u64, len: u64) -> Result<(), BackingError> {
         check(offset, len, self.len())?;
         Err(BackingError::NoBlockFill { kind: self.kind() })
     }
@@ -379,6 +398,28 @@ impl HostBacking for MemfdBacking {
         // Unmap the alias again (a shared mapping's MADV_DONTNEED keeps the page cache), so the
         // pages are mapped once, by the main mapping, and counted once in the process's RSS.
         alias.madvise(offset, len, Advice::DontNeed).map_err(fill)
+    }
+    fn collapse(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        check(offset, len, self.len())?;
+        if self.alias.is_none()
+            || !offset.is_multiple_of(HOST_ALIGN)
+            || !len.is_multiple_of(HOST_ALIGN)
+        {
+            return Err(BackingError::NoBlockFill { kind: self.kind() });
+        }
+        // MADV_COLLAPSE copies the block's pages into a new 2 MiB page of the file, maps it with
+        // one PMD in this mapping and frees the PTE page; it works whatever the THP sysfs
+        // settings say. With the main mapping registered for missing userfaults, the kernel
+        // refuses to fill a hole in the block, so it can never bring back a page the guest gave
+        // away; the caller collapses only blocks whose every page is present anyway. The fill
+        // alias maps none of these pages (fill_blocks unmaps it again).
+        self.map
+            .madvise(offset, len, Advice::Collapse)
+            .map_err(|source| BackingError::Collapse {
+                offset,
+                len,
+                source,
+            })
     }
 }
 

@@ -238,3 +238,82 @@ fn tables_are_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Tables>();
 }
+
+#[test]
+fn a_full_contiguous_pt_is_promoted_to_one_2m_leaf() {
+    for s in ALL {
+        let t = Tables::new(s);
+        let b = 3 * BLOCK_SIZE;
+        // One page short: no promotion, and nothing changes.
+        for p in 0..511u64 {
+            let gpa = b + p * PAGE_SIZE;
+            t.populate(gpa, gpa, PageSize::Size4K).unwrap();
+        }
+        assert!(!t.block_is_full(b));
+        assert!(!t.promote(b).unwrap(), "{s:?}: a page is missing");
+        assert_eq!(t.stats().leaves_4k, 511);
+        t.populate(b + 511 * PAGE_SIZE, b + 511 * PAGE_SIZE, PageSize::Size4K)
+            .unwrap();
+        assert!(t.block_is_full(b + 5 * PAGE_SIZE));
+        let before = t.stats().table_bytes;
+        assert!(t.promote(b + 5 * PAGE_SIZE).unwrap(), "{s:?}");
+        let st = t.stats();
+        assert_eq!((st.leaves_2m, st.leaves_4k, st.promotions), (1, 0, 1));
+        assert_eq!(
+            st.table_bytes,
+            before - TABLE_BYTES,
+            "{s:?}: the PT is freed"
+        );
+        assert_eq!(st.table_bytes, t.min_table_bytes());
+        assert_eq!(
+            t.lookup(b + 7 * PAGE_SIZE),
+            Some(Leaf {
+                host_offset: b + 7 * PAGE_SIZE,
+                size: PageSize::Size2M,
+                lazy: false
+            })
+        );
+        check(&t);
+        // Already a 2 MiB leaf, or nothing mapped: nothing to do.
+        assert!(!t.promote(b).unwrap());
+        assert!(!t.promote(9 * BLOCK_SIZE).unwrap());
+        // A partial discard splits the promoted leaf again.
+        t.discard(range(b + PAGE_SIZE, PAGE_SIZE)).unwrap();
+        let st = t.stats();
+        assert_eq!((st.leaves_2m, st.leaves_4k), (0, 511));
+        check(&t);
+    }
+}
+
+#[test]
+fn a_pt_that_does_not_map_one_aligned_2m_run_stays() {
+    for s in ALL {
+        let t = Tables::new(s);
+        // Full, but the host offsets are not one aligned run.
+        fill(&t, 0, 512);
+        let skewed = BLOCK_SIZE;
+        for p in 0..512u64 {
+            let gpa = skewed + p * PAGE_SIZE;
+            let host = if p == 100 { 0x7000_0000 } else { gpa };
+            t.populate(gpa, host, PageSize::Size4K).unwrap();
+        }
+        assert!(t.block_is_full(0) && t.block_is_full(skewed));
+        // fill() maps block 0 at +0x1000_0000: aligned and contiguous, so it promotes.
+        assert!(t.promote(0).unwrap(), "{s:?}");
+        assert!(
+            !t.promote(skewed).unwrap(),
+            "{s:?}: page 100 maps elsewhere"
+        );
+        // Lazy leaves (released with MADV_FREE) are not promoted either.
+        let lazy = 2 * BLOCK_SIZE;
+        for p in 0..512u64 {
+            let gpa = lazy + p * PAGE_SIZE;
+            t.populate(gpa, gpa, PageSize::Size4K).unwrap();
+        }
+        t.mark_lazy(range(lazy + PAGE_SIZE, PAGE_SIZE)).unwrap();
+        assert!(!t.promote(lazy).unwrap(), "{s:?}: a lazy leaf");
+        let st = t.stats();
+        assert_eq!((st.leaves_2m, st.leaves_4k, st.promotions), (1, 1024, 1));
+        check(&t);
+    }
+}

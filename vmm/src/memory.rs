@@ -362,6 +362,8 @@ impl VmMemory {
                 faults: st.faults_resolved,
                 held_pages: mm.held_pages(),
                 pages_kept: st.pages_kept,
+                promotions: st.promotions,
+                promote_ns: st.promote_ns,
             }
         });
         let (host_pte_bytes, kvm_table_bytes) = crate::report::host_table_bytes();

@@ -21,6 +21,11 @@ pub struct TrackStats {
     pub held_pages: u64,
     /// Released pages the host kept (it could not split a 2 MiB page); they keep their leaves.
     pub pages_kept: u64,
+    /// Split 2 MiB blocks made one 2 MiB host page and leaf again once all their pages were
+    /// back (re-promotion), and the time that took in all, ns.
+    pub promotions: u64,
+    /// See `promotions`.
+    pub promote_ns: u64,
 }
 
 /// KVM's nested-table zaps (`--zap-kvm-tables-after`) and what triggers them.
@@ -148,6 +153,13 @@ impl MemoryReport {
                     t.table_bytes, t.min_table_bytes, verdict
                 ));
                 s.push_str(&format!("faults handled:       {:>10}\n", t.faults));
+                if t.promotions > 0 {
+                    s.push_str(&format!(
+                        "blocks re-promoted:   {:>10}  ({:.1} ms)\n",
+                        t.promotions,
+                        t.promote_ns as f64 / 1e6
+                    ));
+                }
                 if t.held_pages + t.pages_kept > 0 {
                     s.push_str(&format!(
                         "balloon-held pages:   {:>10}  (released but kept by the host: {})\n",

@@ -96,6 +96,46 @@ impl Inner {
         }
     }
 
+    /// After 4 KiB fills in the block holding region offset `off` (whose lock the caller
+    /// holds, with no page of it held by the balloon): if every page of the block is present
+    /// again, makes it one 2 MiB host page mapped by one PMD (the host frees the PTE page the
+    /// split had made, and KVM, told by the host's invalidation, maps the block with one 2 MiB
+    /// entry on the next access) and one 2 MiB leaf (the PT table is freed). Only on backings
+    /// that fill blocks; a refusal by the host leaves the block as it was, counted.
+    fn promote_if_full(&self, region: &Region, off: u64) {
+        let block_off = off & !(BLOCK_SIZE - 1);
+        if !region.backing.fills_blocks()
+            || block_off + BLOCK_SIZE > region.len
+            || !self.tables.block_is_full(region.gpa + block_off)
+        {
+            return;
+        }
+        let c = &self.counters;
+        let t = std::time::Instant::now();
+        match region.backing.collapse(block_off, BLOCK_SIZE) {
+            Ok(()) => match self.tables.promote(region.gpa + block_off) {
+                Ok(true) => {
+                    c.promotions.fetch_add(1, Ordering::Relaxed);
+                }
+                // The block is locked and full, so the tables cannot refuse; if they do, the
+                // 4 KiB leaves still map exactly the present pages.
+                Ok(false) | Err(_) => {
+                    c.table_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Err(e) => {
+                if first_of_many(&c.promote_errors) {
+                    log::warn!(
+                        "re-promoting the block at {:#x} failed: {e}",
+                        region.host + block_off
+                    );
+                }
+            }
+        }
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        c.promote_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
     /// Records leaves for `pages` pages from region offset `off`.
     fn record(&self, region_gpa: u64, off: u64, pages: u64) {
         for i in 0..pages {
@@ -207,6 +247,7 @@ impl FaultResolver for Inner {
                         c.fault_around_pages
                             .fetch_add(u64::from(fa_pages), Ordering::Relaxed);
                         c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+                        self.promote_if_full(region, off);
                         return FaultOutcome::Resolved;
                     }
                     Err(UffdIoError::Exists { done } | UffdIoError::Again { done }) if done > 0 => {
@@ -216,6 +257,7 @@ impl FaultResolver for Inner {
                             .fetch_add(done / PAGE_SIZE, Ordering::Relaxed);
                         if off < win + done {
                             c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+                            self.promote_if_full(region, off);
                             return FaultOutcome::Resolved;
                         }
                     }
@@ -240,6 +282,9 @@ impl FaultResolver for Inner {
             Ok(_) => {
                 self.record(region.gpa, off, 1);
                 c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+                if !exact {
+                    self.promote_if_full(region, off);
+                }
                 FaultOutcome::Resolved
             }
             Err(UffdIoError::Exists { .. }) => {

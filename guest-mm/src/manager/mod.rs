@@ -212,6 +212,9 @@ pub(crate) struct Counters {
     pub discards: AtomicU64,
     pub lazy_marked: AtomicU64,
     pub pages_kept: AtomicU64,
+    pub promotions: AtomicU64,
+    pub promote_errors: AtomicU64,
+    pub promote_ns: AtomicU64,
 }
 
 /// A snapshot of everything the manager counts.
@@ -254,6 +257,13 @@ pub struct MmStats {
     /// Released pages the host kept (it could not split a 2 MiB page to free 4 KiB of it); they
     /// keep their leaves and stay in guest RAM, reading zero.
     pub pages_kept: u64,
+    /// Split blocks whose every page came back, made one 2 MiB host page and one 2 MiB leaf
+    /// again (re-promotion, on a block-fill backing).
+    pub promotions: u64,
+    /// Re-promotions the host refused (the block keeps its 4 KiB pages and leaves).
+    pub promote_errors: u64,
+    /// Time spent re-promoting, in nanoseconds (the host's copy into the new 2 MiB page).
+    pub promote_ns: u64,
     /// The handler threads' own counters.
     pub handlers: HandlerCounts,
 }
@@ -519,6 +529,9 @@ impl GuestMm {
             discards: l(&c.discards),
             lazy_marked: l(&c.lazy_marked),
             pages_kept: l(&c.pages_kept),
+            promotions: l(&c.promotions),
+            promote_errors: l(&c.promote_errors),
+            promote_ns: l(&c.promote_ns),
             handlers: self
                 .inner
                 .control

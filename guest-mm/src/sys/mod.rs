@@ -77,6 +77,9 @@ pub enum Advice {
     HugePage,
     /// `MADV_POPULATE_WRITE`: fault the range in writable now (allocating zeroed pages).
     PopulateWrite,
+    /// `MADV_COLLAPSE`: replace the small pages of each 2 MiB range by one huge page now
+    /// (copying them) and map it with one PMD; independent of the THP sysfs settings.
+    Collapse,
 }
 
 impl Advice {
@@ -88,6 +91,7 @@ impl Advice {
             Advice::NoHugePage => (libc::MADV_NOHUGEPAGE, "madvise(MADV_NOHUGEPAGE)"),
             Advice::HugePage => (libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)"),
             Advice::PopulateWrite => (libc::MADV_POPULATE_WRITE, "madvise(MADV_POPULATE_WRITE)"),
+            Advice::Collapse => (libc::MADV_COLLAPSE, "madvise(MADV_COLLAPSE)"),
         }
     }
 }

@@ -336,6 +336,72 @@ impl Tables {
         Ok(())
     }
 
+    /// The inverse of a split: if the 2 MiB block holding `gpa` is mapped by a PT table whose
+    /// 512 entries are all present, not lazy, and map one aligned, contiguous 2 MiB of host
+    /// offsets, replaces the table by one 2 MiB leaf and frees it. Returns whether it did.
+    ///
+    /// The PD is locked before the PT (parent before child), and both are checked alive and
+    /// linked. One store swaps the table for the leaf, as in a split: a lock-free lookup sees
+    /// either, and both map the same pages. The table is then marked dead, so a populate or
+    /// discard that reached it walks again and finds the leaf (a later partial discard splits
+    /// it again), and it is retired like any freed table. It keeps its entries until the epoch
+    /// frees it (the arena zeroes a freed page), so a lookup still reading it finds its leaf.
+    pub fn promote(&self, gpa: u64) -> Result<bool, TableError> {
+        if gpa >= crate::range::GPA_LIMIT {
+            return Err(TableError::OutOfSpace { gpa });
+        }
+        let block = gpa & !(BLOCK_SIZE - 1);
+        let guard = pin();
+        let Ok((pd, e)) = self.walk_to_pd(&guard, block) else {
+            return Ok(false);
+        };
+        if entry::is_large(e) {
+            return Ok(false);
+        }
+        // SAFETY: a present, non-large PD entry points at a PT, read while pinned by `guard`.
+        let pt = unsafe { pd.child(e) };
+        let pm = pd.meta();
+        let cm = pt.meta();
+        pm.lock.lock();
+        cm.lock.lock();
+        let i = index(block, 1);
+        let slot = pd.entry(i);
+        let unlock = || {
+            cm.lock.unlock();
+            pm.lock.unlock();
+        };
+        if pm.dead.load(Ordering::Relaxed)
+            || cm.dead.load(Ordering::Relaxed)
+            || slot.load(Ordering::Relaxed) != e
+        {
+            unlock();
+            return Ok(false);
+        }
+        let base = entry::addr(pt.entry(0).load(Ordering::Relaxed));
+        let whole = base.is_multiple_of(BLOCK_SIZE)
+            && (0..ENTRIES_PER_TABLE).all(|k| {
+                let v = pt.entry(k).load(Ordering::Relaxed);
+                entry::is_present(v)
+                    && !entry::is_lazy(v)
+                    && entry::addr(v) == base + k as u64 * PAGE_SIZE
+            });
+        if !whole {
+            unlock();
+            return Ok(false);
+        }
+        slot.store(entry::leaf(base, true, false), Ordering::Release);
+        // The PD's count is unchanged: one present entry replaces another.
+        cm.dead.store(true, Ordering::Relaxed);
+        self.counters.tables[0].fetch_sub(1, Ordering::Relaxed);
+        self.counters.leaves_4k.sub(ENTRIES_PER_TABLE as u64);
+        self.counters.leaves_2m.fetch_add(1, Ordering::Relaxed);
+        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+        unlock();
+        self.retire(&guard, pt.ptr());
+        flush(&guard);
+        Ok(true)
+    }
+
     /// Sets the lazy bit on every leaf in `range` (the host released those
     /// pages with `MADV_FREE`). Returns the number of 4 KiB pages newly
     /// marked. A partly covered 2 MiB leaf is split first.

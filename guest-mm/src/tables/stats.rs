@@ -39,6 +39,8 @@ pub struct TableStats {
     pub freed_sweep: u64,
     /// 2 MiB leaves split into a PT table by a partial discard or mark.
     pub splits: u64,
+    /// Full PT tables replaced by one 2 MiB leaf (`Tables::promote`).
+    pub promotions: u64,
 }
 
 const STRIPES: usize = 8;
@@ -112,6 +114,7 @@ pub(crate) struct Counters {
     pub(crate) freed_slow: AtomicU64,
     pub(crate) freed_sweep: AtomicU64,
     pub(crate) splits: AtomicU64,
+    pub(crate) promotions: AtomicU64,
 }
 
 impl Counters {
@@ -127,6 +130,7 @@ impl Counters {
             freed_slow: AtomicU64::new(0),
             freed_sweep: AtomicU64::new(0),
             splits: AtomicU64::new(0),
+            promotions: AtomicU64::new(0),
         }
     }
 
@@ -144,6 +148,7 @@ impl Counters {
             freed_slow: self.freed_slow.load(Ordering::Relaxed),
             freed_sweep: self.freed_sweep.load(Ordering::Relaxed),
             splits: self.splits.load(Ordering::Relaxed),
+            promotions: self.promotions.load(Ordering::Relaxed),
         }
     }
 }
