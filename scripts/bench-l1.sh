@@ -73,7 +73,7 @@ vmm_start() {
             exec 3>/tmp/bench-qemu.in
             vpid=""
             _i=0
-            while [ -z "$vpid" ] && [ $_i -lt 300 ] && kill -0 "$pid" 2>/dev/null; do
+            while [ -z "$vpid" ] && [ $_i -lt 300 ] && running "$pid"; do
                 vpid=$(pidof qemu-system-x86_64 | cut -d' ' -f1)
                 [ -n "$vpid" ] || sleep 0.1
                 _i=$((_i + 1))
@@ -98,7 +98,7 @@ balloon_mib() {
     case "$V" in
         ebb) "$CTL" --api-sock "$S" GET /balloon | num actual_mib ;;
         qemu)
-            _a=$(ebb-guest qmp --socket "$Q" -- '{"execute":"query-balloon"}' |
+            _a=$(ebb-guest qmp --socket "$Q" -- '{"execute":"query-balloon"}' 2>/dev/null |
                 sed -n 's/.*"actual": \([0-9]*\).*/\1/p' | head -n 1)
             [ -n "$_a" ] && echo $((MEM_MIB - (_a >> 20)))
             ;;
@@ -124,6 +124,14 @@ own_figures() {
     echo "$_f"
 }
 # ---- end of the VMM-specific part ----
+
+# Whether process $1 runs: not gone and not a zombie (a VMM that exited stays one until this
+# script waits for it, and kill -0 would still find it).
+running() {
+    _st=""
+    read -r _ _ _st _ <"/proc/$1/stat" 2>/dev/null
+    [ -n "$_st" ] && [ "$_st" != Z ]
+}
 
 now_ms() {
     read -r _up _ </proc/uptime
@@ -155,7 +163,7 @@ wait_n() {
     while [ "$(grep -c "$1" "$OUT")" -lt "$2" ]; do
         _i=$((_i + 1))
         [ $_i -gt $(($3 * 5)) ] && return 1
-        kill -0 "$pid" 2>/dev/null || return 1
+        running "$pid" || return 1
         sleep 0.2
     done
 }
@@ -199,7 +207,7 @@ balloon_to() {
             if [ "$1" -gt 0 ] && [ "$_a" -ge "$1" ]; then break; fi
             if [ "$1" -eq 0 ] && [ "$_a" -le 0 ]; then break; fi
         fi
-        if [ $(($(now_ms) - _t0)) -gt $(($2 * 1000)) ] || ! kill -0 "$pid" 2>/dev/null; then
+        if [ $(($(now_ms) - _t0)) -gt $(($2 * 1000)) ] || ! running "$pid"; then
             echo "it was at ${_a:-?} MiB after $(($(now_ms) - _t0)) ms"
             return 1
         fi
@@ -209,7 +217,7 @@ balloon_to() {
 }
 
 sampler() {
-    while kill -0 "$pid" 2>/dev/null; do
+    while running "$pid"; do
         rig-sample "$vpid" periodic
         sleep "$((SAMPLE_MS / 1000)).$(printf %03d $((SAMPLE_MS % 1000)))"
     done
@@ -255,7 +263,7 @@ for V in $ORDER; do
     exec 3>&-
     # A guest that has not powered off within 120 s is stopped.
     _i=0
-    while kill -0 "$pid" 2>/dev/null && [ $_i -lt 600 ]; do
+    while running "$pid" && [ $_i -lt 600 ]; do
         sleep 0.2
         _i=$((_i + 1))
     done
