@@ -10,10 +10,10 @@
 # host waits for it (wait_for); the host answers with a line on ebb's stdin (tell_guest), which
 # the guest waits for on its console (`ebb-guest wait-line`, or a workload's --wait-console).
 
-# Starts ebb in the background on the L2 images ($EBB_L2_KERNEL, $EBB_L2_INITRAMFS) with 2 vCPUs,
-# 512 MiB, the API socket $S, its console in $OUT and its stdin on a FIFO the script holds open
-# as fd 3 (for tell_guest). $1 is the guest command (run by the L2 init); the other arguments
-# are more ebb flags.
+# Starts ebb in the background on the L2 images ($EBB_L2_KERNEL, $EBB_L2_INITRAMFS) with 2 vCPUs
+# and 512 MiB (or $EBB_VCPUS and $EBB_MEMORY_MIB), the API socket $S, its console in $OUT and
+# its stdin on a FIFO the script holds open as fd 3 (for tell_guest). $1 is the guest command
+# (run by the L2 init); the other arguments are more ebb flags.
 start_ebb() {
     _g=$1
     shift
@@ -22,7 +22,8 @@ start_ebb() {
     trap '' PIPE
     rm -f "$S" "$S.in"
     mkfifo "$S.in"
-    "$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus 2 --memory-mib 512 \
+    "$E" --kernel "$EBB_L2_KERNEL" --initrd "$EBB_L2_INITRAMFS" --vcpus "${EBB_VCPUS:-2}" \
+        --memory-mib "${EBB_MEMORY_MIB:-512}" \
         --api-sock "$S" "$@" --cmdline "console=ttyS0 reboot=k panic=-1 quiet -- $_g" \
         <"$S.in" >"$OUT" 2>&1 &
     pid=$!
