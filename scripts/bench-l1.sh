@@ -9,15 +9,15 @@
 #   BENCH_REPORTING  free page reporting, on or off (default on)
 #   BENCH_EBB_FLAGS  more ebb flags (e.g. --zap-kvm-tables-after 64)
 #   BENCH_SAMPLE_MS  the periodic sampling interval (default 500)
-#   BENCH_BALLOON_MIB the balloon's size when inflated (default 640)
+#   BENCH_BALLOON_MIB the balloon's size when inflated (default 768)
 #
 # The scenario (the guest holds each step's memory until the script tells it to go on):
 #   touched     the guest has touched 600 MiB and holds it
 #   freed       the guest freed it (the process exited) and the VMM's VmRSS settled
-#   ws          the guest holds a 128 MiB working set of checksummed pages
-#   inflated    the balloon inflated to 640 MiB (the guest keeps 384 MiB); timed
+#   ws          the guest holds a 32 MiB working set of checksummed pages
+#   inflated    the balloon inflated to 768 MiB (the guest keeps 256 MiB); timed
 #   retouch-ws  the guest read and checked its working set (ns per page)
-#   deflated    the balloon deflated to 0; timed
+#   deflated    the balloon deflated to 0 (timed), and the VMM's VmRSS settled
 #   retouch     the guest touched 512 MiB fresh (ns per page) and holds it; then it powers off
 #
 # Output:
@@ -38,10 +38,11 @@ Q=/tmp/bench-qmp.sock
 ORDER=${BENCH_ORDER:-ebb qemu}
 REPORTING=${BENCH_REPORTING:-on}
 SAMPLE_MS=${BENCH_SAMPLE_MS:-500}
-MEM_MIB=1024 TOUCH_MIB=600 WS_MIB=128 RETOUCH_MIB=512
-# The balloon leaves the guest 384 MiB. Leaving it 256 MiB (768) does not fit: a guest holding the
-# 128 MiB working set gave at most 715 MiB in 300 s (QEMU peer, reporting on; ebb stalled too).
-BALLOON_MIB=${BENCH_BALLOON_MIB:-640}
+MEM_MIB=1024 TOUCH_MIB=600 WS_MIB=32 RETOUCH_MIB=512
+# The balloon leaves the guest 256 MiB. Next to a 128 MiB working set that did not fit (the QEMU
+# peer's guest gave at most 715 MiB in 300 s), so the working set is 32 MiB: enough pages to time
+# their re-faults after KVM's tables were dropped.
+BALLOON_MIB=${BENCH_BALLOON_MIB:-768}
 
 # The guest's steps; each waits for a line on its console before it goes on.
 G="ebb-guest hog --mib $TOUCH_MIB --hold-secs 0 --wait-console && ebb-guest wait-line"
@@ -117,7 +118,11 @@ own_figures() {
         _v=$(echo "$_vm" | num "$_k")
         [ -n "$_v" ] && _f="$_f $_k=$_v"
     done
-    for _k in notify_ns_max actual_mib bytes_reported; do
+    for _k in faults promotions promote_ns; do
+        _v=$(echo "$_vm" | num "$_k")
+        [ -n "$_v" ] && _f="$_f $_k=$_v"
+    done
+    for _k in notify_ns_max notify_ns_total notifications actual_mib bytes_reported; do
         _v=$(echo "$_b" | num "$_k")
         [ -n "$_v" ] && _f="$_f $_k=$_v"
     done
@@ -248,7 +253,7 @@ scenario() {
         "fill_ns_per_page=$(field_n "$_r" fill_ns_per_page 1) bad_pages=$(field_n "$_r" bad_pages 1)"
     mark deflate
     _ms=$(balloon_to 0 300) || { bench_fail "the balloon did not deflate: $_ms"; return; }
-    phase deflated "deflate_ms=$_ms"
+    phase deflated "deflate_ms=$_ms settle_ms=$(settle)"
     tell_guest go
     wait_n "EBB-RESULT hog phase=held" 2 300 || { bench_fail "the guest never touched its last 512 MiB"; return; }
     phase retouch "ns_per_page=$(field_n 'EBB-RESULT hog phase=held' ns_per_page 2)"

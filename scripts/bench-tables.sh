@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ebb and the QEMU peer side by side: the same guest scenario (1 GiB, 1 vCPU; touch 600 MiB, free
-# it, hold a 128 MiB working set, inflate the balloon to 768 MiB, re-read the working set,
+# it, hold a 32 MiB working set, inflate the balloon to 768 MiB, re-read the working set,
 # deflate, touch 512 MiB fresh) for both VMMs in the same boot of the nested test host, each at its
 # defaults, with free page reporting on and/or off, over several rounds (the order alternates).
 # Prints a markdown table of medians (VmRSS, VmPTE, SecPageTables per phase; ebb's table bytes;

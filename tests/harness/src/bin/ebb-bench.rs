@@ -30,9 +30,8 @@ const PHASES: [&str; 7] = [
     "deflated",
     "retouch",
 ];
-/// The balloon's size when inflated, MiB (`BENCH_BALLOON_MIB`): the guest keeps 384 of its 1024.
-/// Keeping 256 did not fit next to the 128 MiB working set (scripts/bench-l1.sh).
-const BALLOON_MIB: u32 = 640;
+/// The balloon's size when inflated, MiB (`BENCH_BALLOON_MIB`): the guest keeps 256 of its 1024.
+const BALLOON_MIB: u32 = 768;
 /// Round logs in the output directory.
 const LOG_PREFIX: &str = "round-";
 
@@ -373,7 +372,7 @@ fn tables(setting: &str, all: &[Round]) -> String {
             Unit::Whole,
         ),
         (
-            "re-read 128 MiB working set, ns/page",
+            "re-read 32 MiB working set, ns/page",
             "retouch-ws",
             "ns_per_page",
             Unit::Whole,
@@ -600,9 +599,9 @@ fn document(rounds: &[Round], settings: &[String], cmd: &str, picture: Option<&s
          Debian guest and a balloon: ebb with `--balloon` (`--balloon-reporting` when reporting \
          is on), QEMU microvm with `virtio-balloon-device` (`free-page-reporting=on|off`). The \
          guest touches 600 MiB (`touched`), frees it (`freed`: the VMM's VmRSS has moved less \
-         than 1 MiB over 2 s, at least 5 s after the free), writes a 128 MiB working set (`ws`), \
+         than 1 MiB over 2 s, at least 5 s after the free), writes a 32 MiB working set (`ws`), \
          the balloon inflates to {BALLOON_MIB} MiB (`inflated`, the guest keeps {} MiB), the \
-         guest re-reads and checks its working set (`retouch-ws`), the balloon deflates (`deflated`), and the guest touches 512 MiB \
+         guest re-reads and checks its working set (`retouch-ws`), the balloon deflates (`deflated`, sampled once VmRSS settled as after the free), and the guest touches 512 MiB \
          fresh (`retouch`). VmRSS and VmPTE are the VMM process's; SecPageTables is L1's KVM \
          second-level tables (only one VM runs at a time). Balloon times run from setting the \
          target to the first reading (polled every 0.2 s) where the guest's driver reports it. \
