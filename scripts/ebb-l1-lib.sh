@@ -90,8 +90,9 @@ set_target() {
 # balloon chain between the answers (Linux's balloon compaction moves a page with one inflate
 # and one deflate). So it reads again (up to 5 times, tries in `try`) until leaves cover exactly
 # the resident pages, the table bytes are the minimum, and guest-mm, the device and the driver
-# agree on the balloon's pages; the last reading stands either way, and the caller's checks
-# judge it.
+# agree on the balloon's pages, and no ballooned page waits for the rest of its 2 MiB block (ebb
+# releases those once inflation pauses: docs/BALLOON.md, "Whole-block release"); the last
+# reading stands either way, and the caller's checks judge it.
 figures() {
     try=0
     while [ $try -lt 5 ]; do
@@ -103,8 +104,9 @@ figures() {
         mb=$(echo "$vm" | num min_table_bytes)
         _vh=$(echo "$vm" | num held_pages); _bh=$(echo "$b" | num held_pages)
         _ap=$(echo "$b" | num actual_pages)
+        pend=$(echo "$vm" | num balloon_pending_pages)
         [ $((l4 + 512 * l2)) -eq "$res" ] && [ "$tb" -eq "$mb" ] &&
-            [ "$_vh" = "$_bh" ] && [ "$_bh" = "$_ap" ] && return 0
+            [ "$_vh" = "$_bh" ] && [ "$_bh" = "$_ap" ] && [ "${pend:-0}" -eq 0 ] && return 0
         sleep 0.5
     done
 }
@@ -119,7 +121,7 @@ snap() {
         "pages_inflated=$(echo "$b" | num pages_inflated) pages_deflated=$(echo "$b" | num pages_deflated)" \
         "reports=$(echo "$b" | num reports_handled) bytes_reported=$(echo "$b" | num bytes_reported)" \
         "bad_pfns=$(echo "$b" | num bad_pfns) release_errors=$(echo "$b" | num release_errors)" \
-        "held=$(echo "$vm" | num held_pages) kept=$(echo "$vm" | num pages_kept)"
+        "held=$(echo "$vm" | num held_pages) kept=$(echo "$vm" | num pages_kept) pending=${pend:-0}"
 }
 
 # Waits, for at most $1 seconds, until the guest has sent statistics asked for after this call:

@@ -80,6 +80,11 @@ pub struct Cli {
     /// KVM once more). 0: never.
     #[arg(long = "zap-kvm-tables-after")]
     pub zap_kvm_tables_after: Option<u64>,
+    /// Milliseconds without inflation after which the balloon releases its pages in 2 MiB
+    /// blocks it holds only in part (blocks it holds whole go at once, without splitting the
+    /// host's 2 MiB page or KVM's entry); 0 releases every page at once. Default 50.
+    #[arg(long = "balloon-partial-release-ms")]
+    pub balloon_partial_release_ms: Option<u64>,
 }
 
 impl Cli {
@@ -109,6 +114,7 @@ impl Cli {
             balloon_stats_s: self.balloon_stats_s,
             balloon_reporting: self.balloon_reporting.then_some(true),
             zap_kvm_tables_after: self.zap_kvm_tables_after,
+            balloon_partial_release_ms: self.balloon_partial_release_ms,
         };
         VmConfig::validate(file.overlay(flags))
     }

@@ -69,6 +69,9 @@ pub enum ConfigError {
         "balloon-stats-s must be 0 to {MAX_BALLOON_STATS_S} and needs the statistics queue, got {0}"
     )]
     BadBalloonStatsInterval(u32),
+    /// The balloon's partial-release delay is out of range.
+    #[error("balloon-partial-release-ms must be 0 to {MAX_BALLOON_PARTIAL_RELEASE_MS}, got {0}")]
+    BadBalloonPartialRelease(u64),
     /// The config file is not valid JSON for a VM description.
     #[error("config file {path} is malformed")]
     FileMalformed {
@@ -125,6 +128,9 @@ pub struct ConfigFile {
     /// Make KVM drop its nested tables after give-backs emptied this many 2 MiB blocks
     /// (0: never; default [`DEFAULT_ZAP_KVM_TABLES_AFTER`]).
     pub zap_kvm_tables_after: Option<u64>,
+    /// Milliseconds without inflation after which the balloon's pages in 2 MiB blocks it holds
+    /// only in part are released (0: at once; default [`DEFAULT_BALLOON_PARTIAL_RELEASE_MS`]).
+    pub balloon_partial_release_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -166,6 +172,9 @@ impl ConfigFile {
             balloon_stats: over.balloon_stats.or(self.balloon_stats),
             balloon_stats_s: over.balloon_stats_s.or(self.balloon_stats_s),
             zap_kvm_tables_after: over.zap_kvm_tables_after.or(self.zap_kvm_tables_after),
+            balloon_partial_release_ms: over
+                .balloon_partial_release_ms
+                .or(self.balloon_partial_release_ms),
             balloon_reporting: over.balloon_reporting.or(self.balloon_reporting),
         }
     }
@@ -173,6 +182,12 @@ impl ConfigFile {
 
 /// Longest balloon statistics polling interval accepted (one day).
 pub const MAX_BALLOON_STATS_S: u32 = 86_400;
+
+/// How long, by default, pages of 2 MiB blocks the balloon holds only in part wait for the rest
+/// of their block before they are released (docs/BALLOON.md, "Whole-block release").
+pub const DEFAULT_BALLOON_PARTIAL_RELEASE_MS: u64 = 50;
+/// Longest partial-release delay accepted (ten seconds).
+pub const MAX_BALLOON_PARTIAL_RELEASE_MS: u64 = 10_000;
 
 /// The balloon device's options.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -185,6 +200,9 @@ pub struct BalloonSettings {
     pub stats_polling_interval_s: u32,
     /// Offer free page reporting.
     pub reporting: bool,
+    /// Milliseconds without inflation after which the pages of 2 MiB blocks the balloon holds
+    /// only in part are released (blocks it holds whole go at once); 0: every page at once.
+    pub partial_release_ms: u64,
 }
 
 impl BalloonSettings {
@@ -198,6 +216,10 @@ impl BalloonSettings {
                 ("balloon-stats", file.balloon_stats.is_some()),
                 ("balloon-stats-s", file.balloon_stats_s.is_some()),
                 ("balloon-reporting", file.balloon_reporting.is_some()),
+                (
+                    "balloon-partial-release-ms",
+                    file.balloon_partial_release_ms.is_some(),
+                ),
             ];
             return match given.iter().find(|(_, set)| *set) {
                 Some((name, _)) => Err(ConfigError::BalloonOptionWithoutBalloon(name)),
@@ -209,11 +231,18 @@ impl BalloonSettings {
         if interval > MAX_BALLOON_STATS_S || (interval > 0 && !stats) {
             return Err(ConfigError::BadBalloonStatsInterval(interval));
         }
+        let partial = file
+            .balloon_partial_release_ms
+            .unwrap_or(DEFAULT_BALLOON_PARTIAL_RELEASE_MS);
+        if partial > MAX_BALLOON_PARTIAL_RELEASE_MS {
+            return Err(ConfigError::BadBalloonPartialRelease(partial));
+        }
         Ok(Some(BalloonSettings {
             deflate_on_oom: file.balloon_deflate_on_oom.unwrap_or(false),
             stats,
             stats_polling_interval_s: interval,
             reporting: file.balloon_reporting.unwrap_or(false),
+            partial_release_ms: partial,
         }))
     }
 }
@@ -440,6 +469,7 @@ mod tests {
                 stats: true,
                 stats_polling_interval_s: 5,
                 reporting: true,
+                partial_release_ms: DEFAULT_BALLOON_PARTIAL_RELEASE_MS,
             }
         );
         let orphan = ConfigFile {

@@ -132,6 +132,11 @@ pub struct VmMemory {
     /// PT table it freed; untracked, whole blocks released), and KVM's table zaps (see
     /// [`VmMemory::kvm_zap_due`]).
     zap: ZapCounters,
+    /// How long the balloon's give-back of a 2 MiB block it holds only in part may wait for
+    /// the rest of the block (`None`: released at once); see [`discard_held`](Self::discard_held).
+    partial_release: Option<std::time::Duration>,
+    /// Since when give-backs have been waiting (the last deferred one), if any.
+    pending_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// What the KVM table-zap policy counts.
@@ -211,10 +216,14 @@ impl VmMemory {
         // kept in the returned value, which the VMM holds until the process exits. `flags`
         // are those guest-mm mapped it with.
         let ram = unsafe { GuestRam::from_raw(host, len, flags)? };
+        let partial_release = config.balloon.as_ref().map_or(0, |b| b.partial_release_ms);
         Ok(VmMemory {
             ram,
             mm,
             zap: ZapCounters::default(),
+            partial_release: (partial_release > 0)
+                .then(|| std::time::Duration::from_millis(partial_release)),
+            pending_since: std::sync::Mutex::new(None),
         })
     }
 
@@ -298,22 +307,55 @@ impl VmMemory {
     /// fault-around window brings them back; untracked, a 2 MiB block whose pages are then all
     /// held is released whole, so the host frees its page-table page. Returns the bytes
     /// released.
+    ///
+    /// With a partial-release delay (the balloon's `partial_release_ms`, the default), every
+    /// 2 MiB block whose pages the balloon now all holds is released whole at once, and the
+    /// pages of blocks it holds only in part wait, held and still backed, until their block is
+    /// whole or until no give-back came for that delay ([`release_pending_if_due`]
+    /// (Self::release_pending_if_due), from the event loop): a release of part of a block splits
+    /// the host's 2 MiB page and KVM's 2 MiB entry, and every later guest access to the rest
+    /// of the block becomes a 4 KiB nested fault (guest-mm's `give_back_held`).
     pub fn discard_held(&self, ranges: &[(u64, u64)]) -> Result<u64, MemoryError> {
         let granges = self.checked_ranges(ranges)?;
-        self.mm.hold(&granges, true).map_err(MemoryError::Manager)?;
         let summary = self
             .mm
-            .discard_many(&granges)
+            .give_back_held(&granges, self.partial_release.is_some())
             .map_err(MemoryError::Manager)?;
+        if self.partial_release.is_some() {
+            *self.pending_since.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
+        }
         Ok(self.count(&summary))
     }
 
-    /// The balloon's deflate: the guest takes the ranges back; faults in their blocks may fill
-    /// more than the faulting page again once nothing in the block is held. Nothing else
-    /// happens now (the pages come back when the guest touches them).
+    /// Releases the balloon's pending pages (see [`discard_held`](Self::discard_held)) once no
+    /// give-back has come for the partial-release delay; returns the bytes released. Called
+    /// between event dispatches, so never inside a queue chain.
+    pub fn release_pending_if_due(&self) -> Result<u64, MemoryError> {
+        let Some(delay) = self.partial_release else {
+            return Ok(0);
+        };
+        let mut since = self.pending_since.lock().unwrap_or_else(|e| e.into_inner());
+        if !since.is_some_and(|t| t.elapsed() >= delay) {
+            return Ok(0);
+        }
+        *since = None;
+        let summary = self.mm.release_pending().map_err(MemoryError::Manager)?;
+        Ok(self.count(&summary))
+    }
+
+    /// Pages the balloon holds that are not released yet (see [`discard_held`](Self::discard_held)).
+    pub fn pending_pages(&self) -> u64 {
+        self.mm.pending_pages()
+    }
+
+    /// The balloon's deflate: the guest takes the ranges back (pending pages among them are
+    /// never released); faults in their blocks may fill more than the faulting page again once
+    /// nothing in the block is held. Nothing else happens now (the pages come back when the
+    /// guest touches them).
     pub fn unhold(&self, ranges: &[(u64, u64)]) -> Result<(), MemoryError> {
         let granges = self.checked_ranges(ranges)?;
-        self.mm.hold(&granges, false).map_err(MemoryError::Manager)
+        self.mm.take_back(&granges).map_err(MemoryError::Manager)
     }
 
     /// Pages the balloon holds, as guest-mm counts them (tracked or not).
@@ -379,6 +421,7 @@ impl VmMemory {
                 ns_max: self.zap.zap_ns_max.load(Ordering::Relaxed),
                 blocks_emptied: self.zap.blocks_emptied.load(Ordering::Relaxed),
             },
+            balloon_pending_pages: mm.pending_pages(),
             tracked,
         })
     }
@@ -541,6 +584,47 @@ mod tests {
         };
         let config = crate::config::VmConfig::validate(file).unwrap();
         VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)")
+    }
+
+    #[test]
+    fn partly_held_blocks_are_released_after_the_delay() {
+        for track in [true, false] {
+            let file = crate::config::ConfigFile {
+                kernel: Some(std::env::current_exe().unwrap()),
+                memory_mib: Some(64),
+                track: Some(track),
+                balloon: Some(true),
+                balloon_partial_release_ms: Some(30),
+                ..Default::default()
+            };
+            let config = crate::config::VmConfig::validate(file).unwrap();
+            let m = VmMemory::new(&config).expect("guest-mm (needs root)");
+            for page in 0..(4 << 20) / 4096 {
+                m.vm_memory()
+                    .write_obj(1u8, GuestAddress(page * 4096))
+                    .unwrap();
+            }
+            let before = m.report().unwrap().resident_pages;
+            // Ten pages of block 0 wait; the whole of block 1 goes at once.
+            assert_eq!(m.discard_held(&[(0, 10 * 4096)]).unwrap(), 0);
+            assert_eq!(m.discard_held(&[(2 << 20, 2 << 20)]).unwrap(), 2 << 20);
+            let r = m.report().unwrap();
+            assert_eq!(
+                (r.resident_pages, r.balloon_pending_pages),
+                (before - 512, 10)
+            );
+            assert_eq!(m.held_pages(), 522);
+            assert_eq!(m.release_pending_if_due().unwrap(), 0, "not yet");
+            std::thread::sleep(std::time::Duration::from_millis(40));
+            assert_eq!(m.release_pending_if_due().unwrap(), 10 * 4096);
+            let r = m.report().unwrap();
+            assert_eq!(
+                (r.resident_pages, r.balloon_pending_pages),
+                (before - 522, 0)
+            );
+            assert_eq!(m.held_pages(), 522, "released pages stay held");
+            assert_eq!(m.release_pending_if_due().unwrap(), 0, "once");
+        }
     }
 
     #[test]

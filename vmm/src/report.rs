@@ -57,6 +57,9 @@ pub struct MemoryReport {
     pub kvm_table_bytes: Option<u64>,
     /// KVM table zaps.
     pub kvm_zaps: KvmZaps,
+    /// Pages the balloon holds whose release waits for the rest of their 2 MiB block (still
+    /// backed; see `VmMemory::discard_held`).
+    pub balloon_pending_pages: u64,
     /// Tracking figures, if tracking is on.
     pub tracked: Option<TrackStats>,
 }
@@ -129,6 +132,12 @@ impl MemoryReport {
                 z.blocks_emptied
             ));
         }
+        if self.balloon_pending_pages > 0 {
+            s.push_str(&format!(
+                "balloon pending:      {:>10}  pages held, released with their whole block\n",
+                self.balloon_pending_pages
+            ));
+        }
         match &self.tracked {
             None => s.push_str("tracking:             off (--no-track)\n"),
             Some(t) => {
@@ -195,6 +204,7 @@ mod tests {
             host_pte_bytes: Some(48 << 10),
             kvm_table_bytes: None,
             kvm_zaps: KvmZaps::default(),
+            balloon_pending_pages: 0,
             tracked: None,
         };
         assert!(r.render().contains("off"));

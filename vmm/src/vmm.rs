@@ -260,6 +260,9 @@ pub fn run(
             control.request_stop(ExitReason::HostError(format!("event loop: {e:?}")));
         }
         // Between event dispatches: off the vCPU threads, never inside a queue chain.
+        if let Err(e) = memory.release_pending_if_due() {
+            log::error!("cannot release the balloon's pending pages: {e}");
+        }
         if memory.kvm_zap_due(config.zap_kvm_tables_after) {
             match vm.zap_nested_tables() {
                 Ok(took) => memory.record_kvm_zap(took),

@@ -31,6 +31,9 @@ pub(crate) struct BlockState {
     /// non-zero, faults in the block fill only the faulting page, never the block or a window,
     /// which would hand those pages back to the host's memory behind the guest's back.
     pub held: u32,
+    /// Held pages not released yet (bit i: page i of the block), when the balloon's give-back
+    /// waits for the whole block (see [`GuestMm::give_back_held`](super::GuestMm::give_back_held)).
+    pub pending: [u64; 8],
 }
 
 impl Region {
@@ -98,6 +101,85 @@ impl Region {
             }
             off = block_end;
         }
+    }
+
+    /// Holds the pages of `r` (inside the region) and marks them pending; every block whose
+    /// pages are then all held is appended to `whole` as region offsets (its pending marks
+    /// cleared: the caller releases it whole).
+    pub fn hold_pending(&self, r: &GpaRange, whole: &mut Vec<(u64, u64)>) {
+        let (s, e) = (r.start() - self.gpa, r.end() - self.gpa);
+        let mut off = s;
+        while off < e {
+            let block_off = off - off % BLOCK_SIZE;
+            let block_end = (block_off + BLOCK_SIZE).min(self.len);
+            let end = block_end.min(e);
+            let mut st = self.block(off);
+            st.held = st.held.saturating_add(((end - off) / PAGE_SIZE) as u32);
+            for p in (off - block_off) / PAGE_SIZE..(end - block_off) / PAGE_SIZE {
+                st.pending[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            if u64::from(st.held) >= (block_end - block_off) / PAGE_SIZE {
+                st.pending = [0; 8];
+                whole.push((block_off, block_end));
+            }
+            off = end;
+        }
+    }
+
+    /// Takes the pages of `r` (inside the region) out of the held counts and the pending marks.
+    pub fn unhold(&self, r: &GpaRange) {
+        let (s, e) = (r.start() - self.gpa, r.end() - self.gpa);
+        let mut off = s;
+        while off < e {
+            let block_off = off - off % BLOCK_SIZE;
+            let end = (block_off + BLOCK_SIZE).min(e);
+            let mut st = self.block(off);
+            st.held = st.held.saturating_sub(((end - off) / PAGE_SIZE) as u32);
+            for p in (off - block_off) / PAGE_SIZE..(end - block_off) / PAGE_SIZE {
+                st.pending[(p / 64) as usize] &= !(1 << (p % 64));
+            }
+            off = end;
+        }
+    }
+
+    /// Clears every pending mark and appends the pages it covered to `runs` as region offset
+    /// runs (contiguous pages joined); returns the number of pages.
+    pub fn take_pending(&self, runs: &mut Vec<(u64, u64)>) -> u64 {
+        let mut pages = 0;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let mut st = b.lock().unwrap_or_else(|e| e.into_inner());
+            if st.pending == [0; 8] {
+                continue;
+            }
+            let base = i as u64 * BLOCK_SIZE;
+            for p in 0..512u64 {
+                if st.pending[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+                    continue;
+                }
+                pages += 1;
+                let off = base + p * PAGE_SIZE;
+                match runs.last_mut() {
+                    Some(last) if last.1 == off => last.1 = off + PAGE_SIZE,
+                    _ => runs.push((off, off + PAGE_SIZE)),
+                }
+            }
+            st.pending = [0; 8];
+        }
+        pages
+    }
+
+    /// Pages marked pending over all blocks.
+    pub fn pending_pages(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|b| {
+                let st = b.lock().unwrap_or_else(|e| e.into_inner());
+                st.pending
+                    .iter()
+                    .map(|w| u64::from(w.count_ones()))
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     /// Marks (`delta = 1`) or unmarks (`delta = -1`) every block that `r` (inside the region)

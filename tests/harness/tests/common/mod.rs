@@ -79,6 +79,10 @@ pub fn checked_snapshots<const N: usize>(
             s["pages_inflated"] - s["pages_deflated"],
             "{label}: guest-mm holds what the device holds: {s:?}"
         );
+        assert_eq!(
+            s["pending"], 0,
+            "{label}: no ballooned page still waits for the rest of its 2 MiB block: {s:?}"
+        );
         assert!(
             s["resident"] <= ram_pages - s["held"] + s["kept"],
             "{label}: ballooned pages must not be resident: {s:?}"

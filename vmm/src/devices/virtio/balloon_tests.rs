@@ -136,6 +136,8 @@ const SETTINGS: BalloonSettings = BalloonSettings {
     stats: true,
     stats_polling_interval_s: 0,
     reporting: true,
+    // Every page at once, so each chain's release can be counted.
+    partial_release_ms: 0,
 };
 
 #[test]
