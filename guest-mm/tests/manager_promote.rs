@@ -1,5 +1,6 @@
-//! Re-promotion: a 2 MiB block split by 4 KiB give-backs, whose every page the guest touches
-//! again, becomes one 2 MiB host page mapped by one PMD and one 2 MiB leaf again; the host's PTE
+//! Re-promotion: a 2 MiB block split by 4 KiB give-backs, which the guest touches again (its
+//! first touch fills all the block's missing pages), becomes one 2 MiB host page mapped by one
+//! PMD and one 2 MiB leaf again; the host's PTE
 //! pages and guest-mm's PT tables that the splits made go away. One test in its own binary,
 //! because VmPTE is per process.
 
@@ -94,7 +95,8 @@ fn split_blocks_touched_whole_again_are_promoted() {
             "{strategy:?}: split blocks are PTE-mapped"
         );
 
-        // The guest takes the pages back: the fault that completes each block promotes it.
+        // The guest takes the pages back: its first touch in each block fills the block's
+        // missing pages at once, and the block is promoted.
         for b in 0..BLOCKS {
             for p in HOLES {
                 write(&mm, b * BLOCK_SIZE + p * PAGE_SIZE, 0xa000 + b);
@@ -112,6 +114,10 @@ fn split_blocks_touched_whole_again_are_promoted() {
             (st.tables.leaves_2m, st.tables.leaves_4k, st.promotions),
             (BLOCKS, 0, BLOCKS),
             "{strategy:?}: every block one 2 MiB leaf again"
+        );
+        assert_eq!(
+            st.rest_fills, BLOCKS,
+            "{strategy:?}: the first touch fills the rest of its block"
         );
         assert_eq!(st.promote_errors + st.fault_errors + st.table_errors, 0);
         assert_eq!(st.tables.tables[0], 0, "{strategy:?}: no PT table left");

@@ -86,6 +86,55 @@ impl Inner {
         true
     }
 
+    /// Fills every page of the block at region offset `block_off` that has no leaf, through
+    /// the block-fill mapping, records their 4 KiB leaves and wakes the block. The caller holds
+    /// the block's lock, and the block is not being discarded and holds no page of the balloon,
+    /// so its missing pages are exactly the pages the host lacks. False (nothing changed) if
+    /// the block has no leaf at all (the whole-block fill's case) or the fill failed.
+    fn fill_rest(&self, uffd: &Userfaultfd, region: &Region, block_off: u64) -> bool {
+        let c = &self.counters;
+        let pages = BLOCK_SIZE / PAGE_SIZE;
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        for p in 0..pages {
+            let o = block_off + p * PAGE_SIZE;
+            if self.tables.lookup(region.gpa + o).is_some() {
+                continue;
+            }
+            match missing.last_mut() {
+                Some(last) if last.1 == o => last.1 = o + PAGE_SIZE,
+                _ => missing.push((o, o + PAGE_SIZE)),
+            }
+        }
+        let count: u64 = missing.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
+        if count == 0 || count == pages {
+            return false;
+        }
+        // One populate over the whole block: the present pages are only mapped in the fill
+        // mapping (and unmapped again with the rest, which frees its PTE page too).
+        if let Err(err) = region.backing.fill_blocks(block_off, BLOCK_SIZE) {
+            if first_of_many(&c.fault_errors) {
+                log::warn!(
+                    "filling the rest of the block at {:#x} failed: {err}",
+                    region.host + block_off
+                );
+            }
+            // Undo what the fill added, only where pages were missing, so nothing stays
+            // present without a leaf; punching raises no userfaultfd event.
+            for &(s, e) in &missing {
+                let _ = region.backing.release(s, e - s, ReleaseMode::PunchHole);
+            }
+            return false;
+        }
+        for &(s, e) in &missing {
+            self.record(region.gpa, s, (e - s) / PAGE_SIZE);
+        }
+        self.wake(uffd, region.host + block_off, BLOCK_SIZE);
+        c.rest_fills.fetch_add(1, Ordering::Relaxed);
+        c.fault_around_pages.fetch_add(count, Ordering::Relaxed);
+        c.faults_resolved.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Wakes the threads waiting on `addr..addr + len`; a failure is counted and logged
     /// sparsely.
     fn wake(&self, uffd: &Userfaultfd, addr: u64, len: u64) {
@@ -208,6 +257,20 @@ impl FaultResolver for Inner {
                 && self.tables.block_is_empty(region.gpa + block_off)
                 && self.fill_blocks(uffd, region, block_off, BLOCK_SIZE)
             {
+                return FaultOutcome::Resolved;
+            }
+        }
+
+        // A block that holds some pages and none the balloon keeps (split by give-backs the
+        // guest has taken back since) gets all its missing pages at once, then becomes one
+        // 2 MiB page again: one userfault instead of one per missing page.
+        if fills_blocks && !exact {
+            let block_off = off & !(BLOCK_SIZE - 1);
+            if block_off + BLOCK_SIZE <= region.len
+                && self.tables.lookup(region.gpa + off).is_none()
+                && self.fill_rest(uffd, region, block_off)
+            {
+                self.promote_if_full(region, off);
                 return FaultOutcome::Resolved;
             }
         }

@@ -213,6 +213,7 @@ pub(crate) struct Counters {
     pub lazy_marked: AtomicU64,
     pub pages_kept: AtomicU64,
     pub promotions: AtomicU64,
+    pub rest_fills: AtomicU64,
     pub promote_errors: AtomicU64,
     pub promote_ns: AtomicU64,
 }
@@ -260,6 +261,9 @@ pub struct MmStats {
     /// Split blocks whose every page came back, made one 2 MiB host page and one 2 MiB leaf
     /// again (re-promotion, on a block-fill backing).
     pub promotions: u64,
+    /// Faults that filled the rest of a block holding some pages and none of the balloon's
+    /// (all its missing pages at once; the block is then re-promoted).
+    pub rest_fills: u64,
     /// Re-promotions the host refused (the block keeps its 4 KiB pages and leaves).
     pub promote_errors: u64,
     /// Time spent re-promoting, in nanoseconds (the host's copy into the new 2 MiB page).
@@ -530,6 +534,7 @@ impl GuestMm {
             lazy_marked: l(&c.lazy_marked),
             pages_kept: l(&c.pages_kept),
             promotions: l(&c.promotions),
+            rest_fills: l(&c.rest_fills),
             promote_errors: l(&c.promote_errors),
             promote_ns: l(&c.promote_ns),
             handlers: self
