@@ -60,6 +60,10 @@ pub struct Cli {
     /// vCPU thread stays busy from the host's view, so use it with dedicated host CPUs.
     #[arg(long = "hlt-in-guest")]
     pub hlt_in_guest: bool,
+    /// Which thread handles a virtio queue notification: the vCPU that wrote it, before it
+    /// re-enters the guest (default), or the event loop through an ioeventfd.
+    #[arg(long = "queue-notify", value_enum)]
+    pub queue_notify: Option<crate::config::QueueNotify>,
     /// Add a virtio-balloon device (target set through the API socket).
     #[arg(long)]
     pub balloon: bool,
@@ -108,6 +112,7 @@ impl Cli {
             thp: self.no_thp.then_some(false),
             pvh: self.pvh.then_some(true),
             hlt_in_guest: self.hlt_in_guest.then_some(true),
+            queue_notify: self.queue_notify,
             balloon: self.balloon.then_some(true),
             balloon_deflate_on_oom: self.balloon_deflate_on_oom.then_some(true),
             balloon_stats: self.balloon_no_stats.then_some(false),

@@ -115,6 +115,8 @@ pub struct ConfigFile {
     pub pvh: Option<bool>,
     /// Let idle vCPUs halt inside the guest (KVM HLT exits off; default false).
     pub hlt_in_guest: Option<bool>,
+    /// Which thread handles virtio queue notifications (default `vcpu`).
+    pub queue_notify: Option<QueueNotify>,
     /// Add a virtio-balloon device (default false).
     pub balloon: Option<bool>,
     /// Offer the balloon's deflate-on-OOM feature (default false).
@@ -167,6 +169,7 @@ impl ConfigFile {
             thp: over.thp.or(self.thp),
             pvh: over.pvh.or(self.pvh),
             hlt_in_guest: over.hlt_in_guest.or(self.hlt_in_guest),
+            queue_notify: over.queue_notify.or(self.queue_notify),
             balloon: over.balloon.or(self.balloon),
             balloon_deflate_on_oom: over.balloon_deflate_on_oom.or(self.balloon_deflate_on_oom),
             balloon_stats: over.balloon_stats.or(self.balloon_stats),
@@ -178,6 +181,17 @@ impl ConfigFile {
             balloon_reporting: over.balloon_reporting.or(self.balloon_reporting),
         }
     }
+}
+
+/// Which thread handles a virtio queue notification (the driver's QueueNotify write).
+#[derive(Debug, Default, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueNotify {
+    /// The vCPU that wrote it, on its MMIO exit, before it re-enters the guest.
+    #[default]
+    Vcpu,
+    /// The event loop, woken by an ioeventfd; the vCPU goes on at once.
+    EventLoop,
 }
 
 /// Longest balloon statistics polling interval accepted (one day).
@@ -277,6 +291,8 @@ pub struct VmConfig {
     /// HLT exits off: an idle vCPU halts inside the guest, and KVM never parks a vCPU on a
     /// page the host has not filled yet (see `kvm::Vm::new`).
     pub hlt_in_guest: bool,
+    /// Which thread handles virtio queue notifications.
+    pub queue_notify: QueueNotify,
     /// The balloon device, when there is one.
     pub balloon: Option<BalloonSettings>,
     /// Emptied 2 MiB blocks after which KVM drops its nested tables (0: never).
@@ -340,6 +356,7 @@ impl VmConfig {
             thp,
             pvh: file.pvh.unwrap_or(false),
             hlt_in_guest: file.hlt_in_guest.unwrap_or(false),
+            queue_notify: file.queue_notify.unwrap_or_default(),
             balloon,
             zap_kvm_tables_after: file
                 .zap_kvm_tables_after

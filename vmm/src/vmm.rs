@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::{self, VirtioMmioSlot};
 use crate::api::{ApiHandler, ApiResponse, ApiServer};
 use crate::boot;
-use crate::config::VmConfig;
+use crate::config::{QueueNotify, VmConfig};
 use crate::control::{ExitReason, VmControl};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::power::{AcpiPower, I8042};
@@ -188,7 +188,16 @@ pub fn run(
             .map_err(kvm_io("virtio irqfd"))?;
         let transport = MmioTransport::new(device, mem.clone(), irq_evt)
             .map_err(|e| VmmError::Device("virtio-mmio", std::io::Error::other(e)))?;
-        for (q, evt) in transport.queue_events().iter().enumerate() {
+        let mut transport = transport;
+        if config.queue_notify == QueueNotify::Vcpu {
+            transport.set_inline_notify(true);
+        }
+        let events = if config.queue_notify == QueueNotify::Vcpu {
+            &[][..]
+        } else {
+            transport.queue_events()
+        };
+        for (q, evt) in events.iter().enumerate() {
             vm.fd()
                 .register_ioevent(
                     evt,
@@ -231,6 +240,8 @@ pub fn run(
     manager.add_subscriber(Box::new(StopWatcher::new(control.clone())));
     manager.add_subscriber(Box::new(SignalWatcher::new(signal_fd, control.clone())));
     manager.add_subscriber(Box::new(StdinInput::new(serial.clone())));
+    // Zaps wait for the transports' locks: no queue chain is being handled on any thread then.
+    let chains = transports.clone();
     manager.add_subscriber(Box::new(VirtioQueueEvents::new(transports)));
     if let Some(path) = &config.api_sock {
         let handler = StatusHandler {
@@ -264,6 +275,10 @@ pub fn run(
             log::error!("cannot release the balloon's pending pages: {e}");
         }
         if memory.kvm_zap_due(config.zap_kvm_tables_after) {
+            let _no_chain: Vec<_> = chains
+                .iter()
+                .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
+                .collect();
             match vm.zap_nested_tables() {
                 Ok(took) => memory.record_kvm_zap(took),
                 Err(e) => {

@@ -400,7 +400,7 @@ fn tables(setting: &str, all: &[Round]) -> String {
     let last = "retouch";
     let _ = writeln!(
         s,
-        "ebb's own, at the end: longest balloon queue notification (the event loop held) {} ms; \
+        "ebb's own, at the end: longest balloon queue notification (the thread that handled it held) {} ms; \
          KVM table zaps {} (longest {} ms, 2 MiB blocks emptied {}).\n",
         show(med(&rounds, "ebb", last, "notify_ns_max"), Unit::NsAsMs),
         show(med(&rounds, "ebb", last, "zaps"), Unit::Whole),

@@ -110,6 +110,9 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     active: bool,
+    /// Queue notifications are handled by the writing thread (a vCPU), not signalled to an
+    /// eventfd for the event loop (see [`set_inline_notify`](Self::set_inline_notify)).
+    inline_notify: bool,
     stats: MmioStats,
 }
 
@@ -139,8 +142,18 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             active: false,
+            inline_notify: false,
             stats: MmioStats::default(),
         })
+    }
+
+    /// With `true`, a QueueNotify write runs the device's queue handler on the writing thread
+    /// (a vCPU, on its MMIO exit) instead of signalling the queue's eventfd; the caller then
+    /// registers no ioeventfd for the window. The driver usually waits for the used buffer
+    /// right after it notifies, so handling it before the vCPU re-enters the guest saves the
+    /// hand-off to the event loop and the guest's halt and wake-up.
+    pub fn set_inline_notify(&mut self, inline: bool) {
+        self.inline_notify = inline;
     }
 
     /// One eventfd per queue, written when the driver notifies that queue.
@@ -327,6 +340,13 @@ impl MmioTransport {
             }
             0x24 => self.driver_features_sel = v,
             0x30 => self.queue_sel = v,
+            0x50 if self.inline_notify => {
+                if (v as usize) < self.queues.len() {
+                    self.notify_queue(v as usize);
+                } else {
+                    self.stats.refused_writes += 1;
+                }
+            }
             0x50 => match self.queue_events.get(v as usize) {
                 Some(evt) => {
                     if evt.write(1).is_err() {

@@ -191,6 +191,27 @@ fn full_negotiation_activates_and_notifies() {
 }
 
 #[test]
+fn inline_notify_calls_the_device_on_the_writing_thread() {
+    let (mut t, rec, _irq) = transport(false);
+    t.set_inline_notify(true);
+    negotiate(&mut t);
+    set_up_queue(&mut t, 0, 0x10000);
+    set_up_queue(&mut t, 1, 0x20000);
+    // Before DRIVER_OK nothing reaches the device.
+    w32(&mut t, QUEUE_NOTIFY_OFFSET, 1);
+    assert!(rec.lock().unwrap().notified.is_empty());
+    w32(&mut t, 0x70, ALL_OK);
+    w32(&mut t, QUEUE_NOTIFY_OFFSET, 1);
+    w32(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+    assert_eq!(rec.lock().unwrap().notified, vec![1, 0]);
+    // No eventfd is written, and a queue that does not exist is refused and counted.
+    assert!(t.queue_events()[1].read().is_err(), "nothing signalled");
+    w32(&mut t, QUEUE_NOTIFY_OFFSET, 9);
+    assert_eq!(t.stats().refused_writes, 1);
+    assert_eq!(rec.lock().unwrap().notified, vec![1, 0]);
+}
+
+#[test]
 fn features_not_offered_or_without_version_1_are_refused() {
     let (mut t, _, _) = transport(false);
     w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
