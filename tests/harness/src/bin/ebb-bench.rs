@@ -48,7 +48,7 @@ struct Cli {
     #[arg(long, default_value = "both")]
     reporting: String,
     /// More ebb flags (e.g. "--zap-kvm-tables-after 64"); ebb runs at its defaults otherwise.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     ebb_flags: String,
     /// Periodic sampling interval, ms.
     #[arg(long, default_value_t = 500)]
