@@ -13,7 +13,7 @@ use guest_mm::backing::{
 };
 use guest_mm::manager::{BackingSpec, FaultConfig, GuestMm, RegionSpec, gpa_range};
 use guest_mm::{BLOCK_SIZE, PAGE_SIZE, Strategy};
-use manager_common::{MIB, assert_exact, read, settle, write};
+use manager_common::{MIB, assert_exact, read, settle, shmem_pmd_kb, write};
 
 /// 4 whole blocks plus a 64 KiB tail that no block fill may cover.
 const LEN: u64 = 8 * MIB + 64 * 1024;
@@ -30,19 +30,6 @@ fn huge_mm(strategy: Strategy, release: ReleaseMode) -> GuestMm {
     }];
     GuestMm::new(&layout, strategy, release, FaultConfig::default())
         .expect("GuestMm over a huge memfd with a userfaultfd fault path (needs root)")
-}
-
-/// kB of the mapping at `addr` that the host maps with PMDs (ShmemPmdMapped in smaps).
-fn shmem_pmd_kb(addr: u64) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read /proc/self/smaps");
-    let head = format!("{addr:x}-");
-    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
-    assert!(lines.next().is_some(), "mapping {addr:#x} not in smaps");
-    lines
-        .take_while(|l| !l.contains('-') || l.contains(':'))
-        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("ShmemPmdMapped in smaps")
 }
 
 #[test]

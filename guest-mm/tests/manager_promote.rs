@@ -11,7 +11,7 @@ use std::sync::Arc;
 use guest_mm::backing::ReleaseMode;
 use guest_mm::manager::{BackingSpec, FaultConfig, GuestMm, RegionSpec, gpa_range};
 use guest_mm::{BLOCK_SIZE, PAGE_SIZE, Strategy};
-use manager_common::{MIB, assert_exact, read, settle, status_kb, touch_all, write};
+use manager_common::{MIB, assert_exact, read, settle, shmem_pmd_kb, status_kb, touch_all, write};
 
 const LEN: u64 = 64 * MIB;
 const BLOCKS: u64 = LEN / BLOCK_SIZE;
@@ -36,19 +36,6 @@ fn memfd_mm(strategy: Strategy) -> Arc<GuestMm> {
         )
         .expect("GuestMm over a huge memfd with a userfaultfd fault path (needs root)"),
     )
-}
-
-/// kB of guest RAM the host maps with PMDs (ShmemPmdMapped of the mapping at `addr`).
-fn shmem_pmd_kb(addr: u64) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read /proc/self/smaps");
-    let head = format!("{addr:x}-");
-    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
-    assert!(lines.next().is_some(), "mapping {addr:#x} not in smaps");
-    lines
-        .take_while(|l| !l.contains('-') || l.contains(':'))
-        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("ShmemPmdMapped in smaps")
 }
 
 #[test]

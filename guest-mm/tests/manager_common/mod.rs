@@ -160,3 +160,16 @@ pub fn discard_scattered_as(mm: &GuestMm, len: u64, seed: u64, hold: bool) -> u6
     }
     blocks
 }
+
+/// kB of the mapping at `addr` that the host maps with PMDs (ShmemPmdMapped in smaps).
+pub fn shmem_pmd_kb(addr: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read /proc/self/smaps");
+    let head = format!("{addr:x}-");
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+    assert!(lines.next().is_some(), "mapping {addr:#x} not in smaps");
+    lines
+        .take_while(|l| !l.contains('-') || l.contains(':'))
+        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("ShmemPmdMapped in smaps")
+}
