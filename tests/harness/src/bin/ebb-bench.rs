@@ -603,7 +603,11 @@ fn document(rounds: &[Round], settings: &[String], cmd: &str, picture: Option<&s
          the balloon inflates to {BALLOON_MIB} MiB (`inflated`, the guest keeps {} MiB), the \
          guest re-reads and checks its working set (`retouch-ws`), the balloon deflates (`deflated`, sampled once VmRSS settled as after the free), and the guest touches 512 MiB \
          fresh (`retouch`). VmRSS and VmPTE are the VMM process's; SecPageTables is L1's KVM \
-         second-level tables (only one VM runs at a time). Balloon times run from setting the \
+         second-level tables (only one VM runs at a time). VmRSS understates ebb's memory: it \
+         counts the pages of ebb's guest-RAM memfd that ebb maps, not those a block fill put in \
+         the file that the guest has not touched yet (ebb's `resident_pages`, by mincore, counts \
+         them: after the inflation, 168 MiB resident against 141 MiB mapped in one run); QEMU's \
+         anonymous guest RAM is all in its VmRSS. Balloon times run from setting the \
          target to the first reading (polled every 0.2 s) where the guest's driver reports it. \
          Absolute times under emulation mean little; the ratios do.\n\n",
         1024 - BALLOON_MIB
