@@ -574,16 +574,27 @@ fn picture(rounds: &[Round], settings: &[String], path: &Path) -> Result<bool, B
     Ok(true)
 }
 
-/// The markdown document: how it was made, the scenario, the tables, the picture.
-fn document(rounds: &[Round], settings: &[String], cmd: &str, picture: Option<&str>) -> String {
-    let commit = std::process::Command::new("git")
+/// The checkout's commit (short), or "?".
+fn head_commit() -> String {
+    std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .current_dir(workspace_root())
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "?".into());
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The markdown document: how it was made (the command, and the commit the rounds ran at), the
+/// scenario, the tables, the picture.
+fn document(
+    rounds: &[Round],
+    settings: &[String],
+    cmd: &str,
+    commit: &str,
+    picture: Option<&str>,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Page tables side by side: ebb and the QEMU peer\n");
     let _ = writeln!(
@@ -796,9 +807,12 @@ fn real_main(cli: &Cli) -> Result<bool, Box<dyn Error>> {
     }
     // The command that made the logs, kept next to them for a later --from.
     let cmd_file = dir.join("command.txt");
+    // The commit the rounds ran at, kept too: a later --from names it, not the checkout's.
+    let commit_file = dir.join("commit.txt");
     let settings = if cli.from.is_none() {
         let s = settings_of(&cli.reporting)?;
         std::fs::write(&cmd_file, format!("{cmd}\n"))?;
+        std::fs::write(&commit_file, format!("{}\n", head_commit()))?;
         run_rounds(cli, &s, &dir)?;
         s
     } else {
@@ -827,7 +841,16 @@ fn real_main(cli: &Cli) -> Result<bool, Box<dyn Error>> {
     };
     let svg = dir.join("bench-tables.svg");
     let drew = picture(&rounds, &settings, &svg)?;
-    let md = document(&rounds, &settings, &cmd, drew.then_some("bench-tables.svg"));
+    let commit = std::fs::read_to_string(&commit_file)
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| head_commit());
+    let md = document(
+        &rounds,
+        &settings,
+        &cmd,
+        &commit,
+        drew.then_some("bench-tables.svg"),
+    );
     std::fs::write(dir.join("bench-tables.md"), &md)?;
     std::fs::write(dir.join("bench-tables.csv"), csv(&rounds))?;
     println!("{md}");
