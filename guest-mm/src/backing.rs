@@ -198,6 +198,9 @@ pub fn shmem_huge_pages_available() -> bool {
     }
 }
 
+/// How many more times a collapse that met a busy page (EAGAIN) is tried.
+const COLLAPSE_TRIES: u32 = 4;
+
 /// Host mappings are aligned to 2 MiB, so that each 2 MiB guest block whose gpa is 2 MiB-aligned
 /// maps to exactly the host range one host PTE page covers.
 pub const HOST_ALIGN: u64 = 2 << 20;
@@ -413,13 +416,29 @@ impl HostBacking for MemfdBacking {
         // refuses to fill a hole in the block, so it can never bring back a page the guest gave
         // away; the caller collapses only blocks whose every page is present anyway. The fill
         // alias maps none of these pages (fill_blocks unmaps it again).
-        self.map
-            .madvise(offset, len, Advice::Collapse)
-            .map_err(|source| BackingError::Collapse {
-                offset,
-                len,
-                source,
-            })
+        //
+        // EAGAIN is transient: a page of the block was busy for a moment (in manager_promote,
+        // about one block in 400, right after the fault that filled it).
+        // A few more tries get through; a block left split would stay split, since a full block
+        // takes no more faults.
+        let mut tries = 0;
+        loop {
+            match self.map.madvise(offset, len, Advice::Collapse) {
+                Err(SysError::Call { source, .. })
+                    if source.raw_os_error() == Some(libc::EAGAIN) && tries < COLLAPSE_TRIES =>
+                {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                res => {
+                    return res.map_err(|source| BackingError::Collapse {
+                        offset,
+                        len,
+                        source,
+                    });
+                }
+            }
+        }
     }
 }
 

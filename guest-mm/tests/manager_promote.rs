@@ -93,9 +93,13 @@ fn split_blocks_touched_whole_again_are_promoted() {
         let st = mm.stats();
         let pte2 = status_kb("VmPTE");
         eprintln!(
-            "{strategy:?}: VmPTE {pte0} -> split {pte1} -> promoted {pte2} kB; {} promotions in {} us",
+            "{strategy:?}: VmPTE {pte0} -> split {pte1} -> promoted {pte2} kB; {} promotions in {} us; errors {} {} {} rest {}",
             st.promotions,
-            st.promote_ns / 1000
+            st.promote_ns / 1000,
+            st.promote_errors,
+            st.fault_errors,
+            st.table_errors,
+            st.rest_fills
         );
         assert_eq!(
             (st.tables.leaves_2m, st.tables.leaves_4k, st.promotions),
