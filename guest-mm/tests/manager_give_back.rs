@@ -106,7 +106,7 @@ fn partly_held_blocks_wait_for_the_whole_block() {
         // Ten pages of block 1, five taken back before the release: only the other five go.
         mm.give_back_held(&pages(512 + 100, 10), true).unwrap();
         check(&mm, name, all - 512, 522, 10);
-        mm.take_back(&pages(512 + 100, 5)).unwrap();
+        mm.hold(&pages(512 + 100, 5), false).unwrap();
         check(&mm, name, all - 512, 517, 5);
         let s = mm.release_pending().unwrap();
         assert_eq!(s.host_bytes_released, 5 * PAGE_SIZE, "{name}");
@@ -125,7 +125,7 @@ fn partly_held_blocks_wait_for_the_whole_block() {
         // Refused requests change nothing.
         let outside = [gpa_range(LEN, PAGE_SIZE).unwrap()];
         assert!(mm.give_back_held(&outside, true).is_err());
-        assert!(mm.take_back(&outside).is_err());
+        assert!(mm.hold(&outside, false).is_err());
         check(&mm, name, all - 520, 520, 0);
         // (A read maps the page again.)
         assert_eq!(read(&mm, (512 + 105) * PAGE_SIZE), 0, "{name}: released");

@@ -355,7 +355,7 @@ impl VmMemory {
     /// guest touches them).
     pub fn unhold(&self, ranges: &[(u64, u64)]) -> Result<(), MemoryError> {
         let granges = self.checked_ranges(ranges)?;
-        self.mm.take_back(&granges).map_err(MemoryError::Manager)
+        self.mm.hold(&granges, false).map_err(MemoryError::Manager)
     }
 
     /// Pages the balloon holds, as guest-mm counts them (tracked or not).

@@ -65,17 +65,16 @@ impl GuestMm {
     /// or fault-around window would make the host back pages the guest gave away. Call it with
     /// `true` before discarding the pages, so that no fill races in between. All ranges are
     /// checked first; a refused request changes nothing. Counts are per page and saturate, so
-    /// the caller must not hold a page twice (the balloon's frame bitmap sees to that).
+    /// the caller must not hold a page twice (the balloon's frame bitmap sees to that). Pages
+    /// taken back that were pending (see [`give_back_held`](Self::give_back_held)) are never
+    /// released.
     ///
     /// The counts are kept without a fault path too, where they serve the release: a discard
     /// that touches a 2 MiB block whose pages are all held releases the whole block in one
     /// call (no page of it is in use), so the host frees its PTE page, which 4 KiB releases
     /// emptying the block one page at a time never do.
     pub fn hold(&self, ranges: &[GpaRange], held: bool) -> Result<(), ManagerError> {
-        let regions = ranges
-            .iter()
-            .map(|r| self.inner.region_index(r))
-            .collect::<Result<Vec<usize>, _>>()?;
+        let regions = self.inner.region_indices(ranges)?;
         for (r, &i) in ranges.iter().zip(&regions) {
             self.inner.regions[i].hold(r, held);
         }
@@ -86,8 +85,8 @@ impl GuestMm {
     /// can be: holds the pages (as [`hold`](Self::hold)), releases at once every 2 MiB block
     /// whose pages are now all held, as one whole block, and keeps the other pages *pending*:
     /// held, still backed, released by [`release_pending`](Self::release_pending) or with
-    /// their block once it is whole; [`take_back`](Self::take_back) takes pending pages back
-    /// without releasing them. With `defer = false` every page is released at once (the
+    /// their block once it is whole; [`hold`](Self::hold) with `false` (the deflate) takes
+    /// pending pages back without releasing them. With `defer = false` every page is released at once (the
     /// behaviour of `hold` + [`discard_many`](Self::discard_many)).
     ///
     /// Why: releasing 4 KiB of a block the host maps with one 2 MiB page splits that page, and
@@ -108,56 +107,28 @@ impl GuestMm {
             self.hold(ranges, true)?;
             return self.discard_many(ranges);
         }
-        let regions = ranges
-            .iter()
-            .map(|r| self.inner.region_index(r))
-            .collect::<Result<Vec<usize>, _>>()?;
-        let mut release = Vec::new();
+        let regions = self.inner.region_indices(ranges)?;
         let mut whole = Vec::new();
         for (r, &i) in ranges.iter().zip(&regions) {
-            let region = &self.inner.regions[i];
-            whole.clear();
-            region.hold_pending(r, &mut whole);
-            for &(s, e) in &whole {
-                release.push(GpaRange::new_unchecked(region.gpa + s, e - s));
-            }
+            self.inner.regions[i].hold_pending(r, &mut whole);
         }
-        if release.is_empty() {
+        if whole.is_empty() {
             return Ok(DiscardSummary::default());
         }
-        self.discard_many(&release)
-    }
-
-    /// The balloon's deflate: takes the pages of `ranges` out of the held counts and out of the
-    /// pending pages (a pending page taken back is never released). Faults in their blocks may
-    /// fill more than the faulting page again once nothing in the block is held.
-    pub fn take_back(&self, ranges: &[GpaRange]) -> Result<(), ManagerError> {
-        let regions = ranges
-            .iter()
-            .map(|r| self.inner.region_index(r))
-            .collect::<Result<Vec<usize>, _>>()?;
-        for (r, &i) in ranges.iter().zip(&regions) {
-            self.inner.regions[i].unhold(r);
-        }
-        Ok(())
+        self.discard_many(&whole)
     }
 
     /// Releases every pending page (see [`give_back_held`](Self::give_back_held)); they stay
     /// held.
     pub fn release_pending(&self) -> Result<DiscardSummary, ManagerError> {
-        let mut release = Vec::new();
         let mut runs = Vec::new();
         for region in &self.inner.regions {
-            runs.clear();
             region.take_pending(&mut runs);
-            for &(s, e) in &runs {
-                release.push(GpaRange::new_unchecked(region.gpa + s, e - s));
-            }
         }
-        if release.is_empty() {
+        if runs.is_empty() {
             return Ok(DiscardSummary::default());
         }
-        self.discard_many(&release)
+        self.discard_many(&runs)
     }
 
     /// Pages held but not released yet (see [`give_back_held`](Self::give_back_held)).
@@ -187,10 +158,7 @@ enum Op {
 impl Inner {
     fn release_ranges(&self, ranges: &[GpaRange], op: Op) -> Result<DiscardSummary, ManagerError> {
         // Validate everything first: a refused request changes nothing.
-        let regions = ranges
-            .iter()
-            .map(|r| self.region_index(r))
-            .collect::<Result<Vec<usize>, _>>()?;
+        let regions = self.region_indices(ranges)?;
         for (r, &i) in ranges.iter().zip(&regions) {
             self.regions[i].mark(r, true);
         }

@@ -567,6 +567,12 @@ impl Inner {
             })
     }
 
+    /// For each range, the index of the region wholly containing it; the first range outside
+    /// every region refuses them all.
+    pub fn region_indices(&self, ranges: &[GpaRange]) -> Result<Vec<usize>, ManagerError> {
+        ranges.iter().map(|r| self.region_index(r)).collect()
+    }
+
     /// The region wholly containing `range`, or a clear error.
     pub fn region_of(&self, range: &GpaRange) -> Result<&Region, ManagerError> {
         Ok(&self.regions[self.region_index(range)?])

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backing::HostBacking;
-use crate::range::{BLOCK_SIZE, GpaRange, PAGE_SIZE};
+use crate::range::{BLOCK_SIZE, GpaRange, PAGE_SIZE, push_run};
 
 /// One contiguous guest-physical region backed by one host mapping.
 #[derive(Debug)]
@@ -85,87 +85,75 @@ impl Region {
             && u64::from(self.block(block_off).held) == BLOCK_SIZE / PAGE_SIZE
     }
 
-    /// Adds (`hold`) or removes the pages of `r` (inside the region) to or from the held count
-    /// of each block it covers.
-    pub fn hold(&self, r: &GpaRange, hold: bool) {
-        let (s, e) = (r.start() - self.gpa, r.end() - self.gpa);
-        let mut off = s;
-        while off < e {
-            let block_end = (off / BLOCK_SIZE + 1) * BLOCK_SIZE;
-            let pages = (block_end.min(e) - off) / PAGE_SIZE;
-            let mut st = self.block(off);
-            if hold {
-                st.held = st.held.saturating_add(pages as u32);
-            } else {
-                st.held = st.held.saturating_sub(pages as u32);
-            }
-            off = block_end;
-        }
-    }
-
-    /// Holds the pages of `r` (inside the region) and marks them pending; every block whose
-    /// pages are then all held is appended to `whole` as region offsets (its pending marks
-    /// cleared: the caller releases it whole).
-    pub fn hold_pending(&self, r: &GpaRange, whole: &mut Vec<(u64, u64)>) {
-        let (s, e) = (r.start() - self.gpa, r.end() - self.gpa);
-        let mut off = s;
-        while off < e {
-            let block_off = off - off % BLOCK_SIZE;
-            let block_end = (block_off + BLOCK_SIZE).min(self.len);
-            let end = block_end.min(e);
-            let mut st = self.block(off);
-            st.held = st.held.saturating_add(((end - off) / PAGE_SIZE) as u32);
-            for p in (off - block_off) / PAGE_SIZE..(end - block_off) / PAGE_SIZE {
-                st.pending[(p / 64) as usize] |= 1 << (p % 64);
-            }
-            if u64::from(st.held) >= (block_end - block_off) / PAGE_SIZE {
-                st.pending = [0; 8];
-                whole.push((block_off, block_end));
-            }
-            off = end;
-        }
-    }
-
-    /// Takes the pages of `r` (inside the region) out of the held counts and the pending marks.
-    pub fn unhold(&self, r: &GpaRange) {
+    /// Calls `f` for every block `r` (inside the region) covers, with the block's state locked,
+    /// the block's region offset, and the first and end page index of `r` inside the block.
+    fn each_block(&self, r: &GpaRange, mut f: impl FnMut(&mut BlockState, u64, u64, u64)) {
         let (s, e) = (r.start() - self.gpa, r.end() - self.gpa);
         let mut off = s;
         while off < e {
             let block_off = off - off % BLOCK_SIZE;
             let end = (block_off + BLOCK_SIZE).min(e);
             let mut st = self.block(off);
-            st.held = st.held.saturating_sub(((end - off) / PAGE_SIZE) as u32);
-            for p in (off - block_off) / PAGE_SIZE..(end - block_off) / PAGE_SIZE {
-                st.pending[(p / 64) as usize] &= !(1 << (p % 64));
-            }
+            f(
+                &mut st,
+                block_off,
+                (off - block_off) / PAGE_SIZE,
+                (end - block_off) / PAGE_SIZE,
+            );
             off = end;
         }
     }
 
-    /// Clears every pending mark and appends the pages it covered to `runs` as region offset
-    /// runs (contiguous pages joined); returns the number of pages.
-    pub fn take_pending(&self, runs: &mut Vec<(u64, u64)>) -> u64 {
-        let mut pages = 0;
+    /// Adds (`hold`) or removes the pages of `r` (inside the region) to or from the held count
+    /// of each block it covers; pages no longer held are no longer pending either (a pending
+    /// page the guest takes back is never released).
+    pub fn hold(&self, r: &GpaRange, hold: bool) {
+        self.each_block(r, |st, _, first, end| {
+            let pages = (end - first) as u32;
+            if hold {
+                st.held = st.held.saturating_add(pages);
+            } else {
+                st.held = st.held.saturating_sub(pages);
+                for p in first..end {
+                    st.pending[(p / 64) as usize] &= !(1 << (p % 64));
+                }
+            }
+        });
+    }
+
+    /// Holds the pages of `r` (inside the region) and marks them pending; every block whose
+    /// pages are then all held is appended to `whole` as a guest range (its pending marks
+    /// cleared: the caller releases it whole).
+    pub fn hold_pending(&self, r: &GpaRange, whole: &mut Vec<GpaRange>) {
+        self.each_block(r, |st, block_off, first, end| {
+            st.held = st.held.saturating_add((end - first) as u32);
+            for p in first..end {
+                st.pending[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            let block_len = (block_off + BLOCK_SIZE).min(self.len) - block_off;
+            if u64::from(st.held) >= block_len / PAGE_SIZE {
+                st.pending = [0; 8];
+                whole.push(GpaRange::new_unchecked(self.gpa + block_off, block_len));
+            }
+        });
+    }
+
+    /// Clears every pending mark and appends the pages it covered to `runs` as guest ranges
+    /// (contiguous pages joined).
+    pub fn take_pending(&self, runs: &mut Vec<GpaRange>) {
         for (i, b) in self.blocks.iter().enumerate() {
             let mut st = b.lock().unwrap_or_else(|e| e.into_inner());
             if st.pending == [0; 8] {
                 continue;
             }
-            let base = i as u64 * BLOCK_SIZE;
-            for p in 0..512u64 {
-                if st.pending[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-                    continue;
-                }
-                pages += 1;
-                let off = base + p * PAGE_SIZE;
-                match runs.last_mut() {
-                    Some(last) if last.1 == off => last.1 = off + PAGE_SIZE,
-                    _ => runs.push((off, off + PAGE_SIZE)),
+            let base = self.gpa + i as u64 * BLOCK_SIZE;
+            for p in 0..BLOCK_SIZE / PAGE_SIZE {
+                if st.pending[(p / 64) as usize] & (1 << (p % 64)) != 0 {
+                    push_run(runs, base + p * PAGE_SIZE, PAGE_SIZE);
                 }
             }
             st.pending = [0; 8];
         }
-        pages
     }
 
     /// Pages marked pending over all blocks.

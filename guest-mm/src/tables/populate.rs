@@ -79,36 +79,6 @@ impl Tables {
         }
     }
 
-    /// True when the 2 MiB block holding `gpa` is mapped by a PT table whose 512 entries are
-    /// all present (a candidate for [`promote`](Self::promote)). Lock-free, like
-    /// [`lookup`](Self::lookup); with `Strategy::Count` it reads the table's count, otherwise
-    /// it scans the table.
-    pub fn block_is_full(&self, gpa: u64) -> bool {
-        if gpa >= GPA_LIMIT {
-            return false;
-        }
-        let guard = pin();
-        let mut table = self.root_ref(&guard);
-        let mut level = ROOT_LEVEL;
-        loop {
-            let e = table.entry(index(gpa, level)).load(Ordering::Acquire);
-            if !entry::is_present(e) || (level == 1 && entry::is_large(e)) {
-                return false;
-            }
-            // SAFETY: a present entry above level 0 that is not a large leaf is a table
-            // pointer, read while pinned by `guard`.
-            table = unsafe { table.child(e) };
-            level -= 1;
-            if level == 0 {
-                let full = crate::range::ENTRIES_PER_TABLE as u32;
-                return match self.strategy {
-                    Strategy::Count => table.meta().count.load(Ordering::Relaxed) == full,
-                    Strategy::Scan | Strategy::Off => table.present() == full,
-                };
-            }
-        }
-    }
-
     /// Installs a leaf mapping `gpa` (aligned to `size`) to `host_offset`.
     ///
     /// Missing tables are allocated without holding any lock and installed

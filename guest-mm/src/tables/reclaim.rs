@@ -336,6 +336,30 @@ impl Tables {
         Ok(())
     }
 
+    /// True when the 2 MiB block holding `gpa` is mapped by a PT table whose 512 entries are
+    /// all present (a candidate for [`promote`](Self::promote)). Lock-free, like
+    /// [`lookup`](Self::lookup); with `Strategy::Count` it reads the table's count, otherwise
+    /// it scans the table.
+    pub fn block_is_full(&self, gpa: u64) -> bool {
+        if gpa >= crate::range::GPA_LIMIT {
+            return false;
+        }
+        let guard = pin();
+        let Ok((pd, e)) = self.walk_to_pd(&guard, gpa) else {
+            return false;
+        };
+        if entry::is_large(e) {
+            return false;
+        }
+        // SAFETY: a present, non-large PD entry points at a PT, read while pinned by `guard`.
+        let pt = unsafe { pd.child(e) };
+        let full = ENTRIES_PER_TABLE as u32;
+        match self.strategy {
+            Strategy::Count => pt.meta().count.load(Ordering::Relaxed) == full,
+            Strategy::Scan | Strategy::Off => pt.present() == full,
+        }
+    }
+
     /// The inverse of a split: if the 2 MiB block holding `gpa` is mapped by a PT table whose
     /// 512 entries are all present, not lazy, and map one aligned, contiguous 2 MiB of host
     /// offsets, replaces the table by one 2 MiB leaf and frees it. Returns whether it did.
