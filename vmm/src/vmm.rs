@@ -186,13 +186,12 @@ pub fn run(
         vm.fd()
             .register_irqfd(&irq_evt, irq)
             .map_err(kvm_io("virtio irqfd"))?;
-        let transport = MmioTransport::new(device, mem.clone(), irq_evt)
+        let mut transport = MmioTransport::new(device, mem.clone(), irq_evt)
             .map_err(|e| VmmError::Device("virtio-mmio", std::io::Error::other(e)))?;
-        let mut transport = transport;
-        if config.queue_notify == QueueNotify::Vcpu {
-            transport.set_inline_notify(true);
-        }
-        let events = if config.queue_notify == QueueNotify::Vcpu {
+        let inline = config.queue_notify == QueueNotify::Vcpu;
+        transport.set_inline_notify(inline);
+        // Inline notification: no ioeventfd, so the write exits to the vCPU thread.
+        let events = if inline {
             &[][..]
         } else {
             transport.queue_events()
