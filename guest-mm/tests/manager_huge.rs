@@ -275,6 +275,51 @@ fn a_block_window_fills_only_when_every_block_is_empty() {
 }
 
 #[test]
+fn memory_given_back_is_filled_a_block_at_a_time_and_fresh_memory_a_window() {
+    let layout = [RegionSpec {
+        gpa: 0,
+        len: 16 * MIB,
+        backing: BackingSpec::Memfd {
+            name: "ebb-huge-given-back".into(),
+            huge: true,
+        },
+    }];
+    let faults = FaultConfig {
+        fault_around_pages: 4 * 512,
+        ..FaultConfig::default()
+    };
+    let mm = GuestMm::new(&layout, Strategy::Count, ReleaseMode::PunchHole, faults).unwrap();
+    let all = gpa_range(0, 16 * MIB).unwrap();
+    write(&mm, PAGE_SIZE, 1);
+    settle(&mm);
+    assert_eq!(
+        assert_exact(&mm, all),
+        4 * BLOCK_PAGES,
+        "the first touch fills blocks 0-3"
+    );
+    // The guest gives all four back (free page reporting, say): the window is empty again, but
+    // its blocks were given back, so touching one page fills that block alone.
+    mm.discard(gpa_range(0, 4 * BLOCK_SIZE).unwrap()).unwrap();
+    assert_eq!(assert_exact(&mm, all), 0);
+    write(&mm, 2 * BLOCK_SIZE + PAGE_SIZE, 2);
+    settle(&mm);
+    assert_eq!(assert_exact(&mm, all), BLOCK_PAGES);
+    assert_eq!(mm.stats().tables.leaves_2m, 1);
+    // Blocks 4-7 were never touched: a window again.
+    write(&mm, 5 * BLOCK_SIZE, 3);
+    settle(&mm);
+    assert_eq!(assert_exact(&mm, all), 5 * BLOCK_PAGES);
+    let st = mm.stats();
+    assert_eq!((st.block_fills, st.faults_resolved), (9, 3));
+    assert_eq!(read(&mm, 2 * BLOCK_SIZE + PAGE_SIZE), 2);
+    assert_eq!(read(&mm, PAGE_SIZE), 0, "a page given back reads zero");
+    assert_eq!(
+        mm.tables().stats().table_bytes,
+        mm.tables().min_table_bytes()
+    );
+}
+
+#[test]
 fn held_pages_are_never_filled_unasked() {
     let layout = [RegionSpec {
         gpa: 0,

@@ -44,8 +44,8 @@ pub struct Cli {
     pub full_xsave: bool,
     /// Pages guest-mm fills per fault when none of their aligned window is filled (1 = only
     /// the faulting page; tracked RAM with 2 MiB pages always fills at least the faulting
-    /// 2 MiB block, and a window above 512 pages fills that many whole blocks). Default: 4096
-    /// with 2 MiB pages, 1 with --no-thp.
+    /// 2 MiB block, and a window above 512 pages fills that many whole blocks if the guest
+    /// never gave any of them back). Default: 4096 with 2 MiB pages, 1 with --no-thp.
     #[arg(long = "fault-around")]
     pub fault_around: Option<u32>,
     /// Back guest RAM with 4 KiB host pages only (untracked: MADV_NOHUGEPAGE; tracked:

@@ -240,7 +240,8 @@ impl FaultResolver for Inner {
         let exact = own.held > 0;
 
         // A backing with a block-fill mapping fills empty blocks whole: 2 MiB leaves. First the
-        // whole window if every block of it is empty and quiet, else the faulting block.
+        // whole window if every block of it is empty, quiet and never given back, else the
+        // faulting block.
         if fills_blocks && wlen > BLOCK_SIZE {
             let all_empty = guards.iter().all(|g| **g == BlockState::default())
                 && (0..wlen / BLOCK_SIZE).all(|i| {

@@ -96,7 +96,8 @@ pub struct FaultConfig {
     /// Pages filled per fault when none of the aligned window around it is populated
     /// (1 = off; a power of two up to [`MAX_FAULT_AROUND_PAGES`]). 4 KiB fills stay inside
     /// the faulting 2 MiB block (at most 512 pages); on a block-fill backing, a window of more
-    /// than 512 pages fills that many whole empty blocks at once.
+    /// than 512 pages fills that many whole empty blocks at once, if none of them was ever
+    /// discarded (memory the guest gave back is filled a block per fault).
     pub fault_around_pages: u32,
     /// Which ioctl fills a fault.
     pub fill: FillMode,

@@ -34,6 +34,14 @@ pub(crate) struct BlockState {
     /// Held pages not released yet (bit i: page i of the block), when the balloon's give-back
     /// waits for the whole block (see [`GuestMm::give_back_held`](super::GuestMm::give_back_held)).
     pub pending: [u64; 8],
+    /// Some of the block's pages were discarded once (given back by the guest, or released by
+    /// the host): a fault in it fills its own block, never a fault-around window with it. Memory
+    /// the guest gave back comes back a page at a time (the balloon driver zeroing the next page
+    /// it takes, an allocation here and there), and blocks filled ahead of such a touch stay
+    /// host memory full of zeros that the guest, which already reported them free, never gives
+    /// back again. Only memory the guest has never touched is filled ahead (its first touch of
+    /// fresh memory).
+    pub given_back: bool,
 }
 
 impl Region {
@@ -181,6 +189,7 @@ impl Region {
                 .unwrap_or_else(|e| e.into_inner());
             if mark {
                 st.discarding += 1;
+                st.given_back = true;
             } else {
                 st.discarding = st.discarding.saturating_sub(1);
             }
