@@ -22,8 +22,11 @@
 #
 # Output:
 #   EBB-BENCH vmm=V reporting=R phase=P label=P pid= comm= t_ms= VmRSS= VmPTE= SecPageTables=
-#       PageTables= [ebb's own figures] [the phase's time: settle_ms, inflate_ms, deflate_ms,
-#       ns_per_page]                       one per phase and VMM (sizes in kB, as /proc gives them)
+#       PageTables= RssAnon= RssFile= RssShmem= guest_kB= guest_zero_kB= [ebb's own figures]
+#       [the phase's time: settle_ms, inflate_ms, deflate_ms, ns_per_page]
+#                                          one per phase and VMM (sizes in kB, as /proc gives them;
+#                                          guest_kB: the guest RAM the host holds for the VMM, and
+#                                          how much of it is zeros, by ebb-memscan)
 #   EBB-BENCH-MARK vmm=V what=W t_ms=      the VMM started (W=start), a balloon change began
 #   EBB-RIG-SAMPLE label=periodic ...      every BENCH_SAMPLE_MS while a VMM runs
 #   EBB-BENCH-FAIL vmm=V why               a step that did not happen; the VMM is stopped
@@ -148,7 +151,8 @@ phase() {
     _p=$1
     shift
     _s=$(rig-sample "$vpid" "$_p") || _s="label=$_p"
-    echo "EBB-BENCH vmm=$V reporting=$REPORTING phase=$_p ${_s#EBB-RIG-SAMPLE } $(own_figures) $*"
+    echo "EBB-BENCH vmm=$V reporting=$REPORTING phase=$_p ${_s#EBB-RIG-SAMPLE } $(rss_parts) \
+$("$D/ebb-memscan" "$vpid") $(own_figures) $*"
 }
 
 mark() { echo "EBB-BENCH-MARK vmm=$V what=$1 t_ms=$(now_ms)"; }
@@ -175,6 +179,11 @@ wait_n() {
 
 # The value of key $2 in the $3-th line of $OUT matching $1.
 field_n() { grep "$1" "$OUT" | sed -n "$3p" | sed -n "s/.* $2=\([0-9.]*\).*/\1/p"; }
+
+# The VMM's RssAnon, RssFile and RssShmem (kB) as key=value.
+rss_parts() {
+    sed -n 's/^\(Rss[A-Za-z]*\):[^0-9]*\([0-9]*\).*/\1=\2/p' "/proc/$vpid/status" 2>/dev/null | tr '\n' ' '
+}
 
 vm_rss() { sed -n 's/^VmRSS:[^0-9]*\([0-9]*\).*/\1/p' "/proc/$vpid/status" 2>/dev/null; }
 

@@ -44,6 +44,21 @@ pub fn static_ebb() -> Result<PathBuf, RigError> {
     if let Some(p) = std::env::var_os("EBB_BIN").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
+    static_build(&["-p", "vmm"], "vmm", "ebb")
+}
+
+/// The static `ebb-memscan` (tests/harness/src/bin/ebb-memscan.rs) that the side-by-side
+/// benchmark copies into L1, built like [`static_ebb`].
+pub fn static_memscan() -> Result<PathBuf, RigError> {
+    static_build(
+        &["-p", "ebb-harness", "--bin", "ebb-memscan"],
+        "ebb-harness",
+        "ebb-memscan",
+    )
+}
+
+/// Builds `what` (cargo package arguments) for the static target and returns the path of `bin`.
+fn static_build(what: &[&str], package: &str, bin: &str) -> Result<PathBuf, RigError> {
     let root = workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
@@ -52,7 +67,8 @@ pub fn static_ebb() -> Result<PathBuf, RigError> {
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
             "-C target-feature=+crt-static",
         )
-        .args(["build", "--release", "-q", "-p", "vmm"])
+        .args(["build", "--release", "-q"])
+        .args(what)
         .args(["--target", "x86_64-unknown-linux-gnu"])
         .status()
         .map_err(|source| RigError::Spawn {
@@ -61,14 +77,16 @@ pub fn static_ebb() -> Result<PathBuf, RigError> {
         })?;
     if !status.success() {
         return Err(RigError::StaticBuild {
-            package: "vmm".into(),
+            package: package.into(),
             status: status.to_string(),
         });
     }
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/ebb"))
+    Ok(target_dir
+        .join("x86_64-unknown-linux-gnu/release")
+        .join(bin))
 }
 
 /// The images directory, chosen as `resources/lib.sh` chooses the cache: `$EBB_CACHE/images`,

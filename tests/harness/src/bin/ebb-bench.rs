@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use ebb_harness::{Job, Rig, RigFault, l1_shell_lib, static_ebb, workspace_root};
+use ebb_harness::{Job, Rig, RigFault, l1_shell_lib, static_ebb, static_memscan, workspace_root};
 
 /// The VMMs, as the L1 script names them, and as the tables name them.
 const VMMS: [(&str, &str); 2] = [("ebb", "ebb"), ("qemu", "QEMU")];
@@ -322,17 +322,45 @@ fn tables(setting: &str, all: &[Round]) -> String {
         );
     }
     s.push_str(
-        "| phase | VmRSS MiB ebb | QEMU | ebb/QEMU | VmPTE kB ebb | QEMU | ebb/QEMU \
+        "| phase | host memory MiB ebb | QEMU | ebb/QEMU | VmRSS MiB ebb | QEMU \
+         | guest RAM held MiB ebb | QEMU | its non-zero pages MiB ebb | QEMU |\n",
+    );
+    s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for ph in PHASES {
+        let g = |v| med(&rounds, v, ph, "guest_kB");
+        let nz = |v| {
+            rounds
+                .iter()
+                .filter_map(|r| Some(r.get(v, ph, "guest_kB")? - r.get(v, ph, "guest_zero_kB")?))
+                .collect::<Vec<_>>()
+        };
+        let (e, q) = (
+            med(&rounds, "ebb", ph, "host_kB"),
+            med(&rounds, "qemu", ph, "host_kB"),
+        );
+        let _ = writeln!(
+            s,
+            "| {ph} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            show(e, Unit::KbAsMib),
+            show(q, Unit::KbAsMib),
+            ratio(e, q),
+            show(med(&rounds, "ebb", ph, "VmRSS"), Unit::KbAsMib),
+            show(med(&rounds, "qemu", ph, "VmRSS"), Unit::KbAsMib),
+            show(g("ebb"), Unit::KbAsMib),
+            show(g("qemu"), Unit::KbAsMib),
+            show(median(nz("ebb")), Unit::KbAsMib),
+            show(median(nz("qemu")), Unit::KbAsMib),
+        );
+    }
+    s.push('\n');
+    s.push_str(
+        "| phase | VmPTE kB ebb | QEMU | ebb/QEMU \
          | SecPageTables kB ebb | QEMU | ebb/QEMU | ebb table kB (min) |\n",
     );
-    s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for ph in PHASES {
         let _ = write!(s, "| {ph} ");
-        for (key, unit) in [
-            ("VmRSS", Unit::KbAsMib),
-            ("VmPTE", Unit::Whole),
-            ("SecPageTables", Unit::Whole),
-        ] {
+        for (key, unit) in [("VmPTE", Unit::Whole), ("SecPageTables", Unit::Whole)] {
             let e = med(&rounds, "ebb", ph, key);
             let q = med(&rounds, "qemu", ph, key);
             let _ = write!(
@@ -421,9 +449,15 @@ fn tables(setting: &str, all: &[Round]) -> String {
 }
 
 /// The CSV columns taken from each phase line, after round, reporting, order, vmm, phase.
-const CSV_KEYS: [&str; 19] = [
+const CSV_KEYS: [&str; 25] = [
     "t_ms",
+    "host_kB",
     "VmRSS",
+    "RssAnon",
+    "RssFile",
+    "RssShmem",
+    "guest_kB",
+    "guest_zero_kB",
     "VmPTE",
     "SecPageTables",
     "PageTables",
@@ -449,7 +483,8 @@ fn csv(rounds: &[Round]) -> String {
         CSV_KEYS
             .iter()
             .map(|k| match *k {
-                "VmRSS" | "VmPTE" | "SecPageTables" | "PageTables" => format!("{k}_kB"),
+                "VmRSS" | "VmPTE" | "SecPageTables" | "PageTables" | "RssAnon" | "RssFile"
+                | "RssShmem" => format!("{k}_kB"),
                 "ns_max" => "kvm_zap_ns_max".into(),
                 "zaps" => "kvm_zaps".into(),
                 other => other.into(),
@@ -614,11 +649,13 @@ fn document(
          the balloon inflates to {BALLOON_MIB} MiB (`inflated`, the guest keeps {} MiB), the \
          guest re-reads and checks its working set (`retouch-ws`), the balloon deflates (`deflated`, sampled once VmRSS settled as after the free), and the guest touches 512 MiB \
          fresh (`retouch`). VmRSS and VmPTE are the VMM process's; SecPageTables is L1's KVM \
-         second-level tables (only one VM runs at a time). VmRSS understates ebb's memory: it \
-         counts the pages of ebb's guest-RAM memfd that ebb maps, not those a block fill put in \
-         the file that the guest has not touched yet (ebb's `resident_pages`, by mincore, counts \
-         them: after the inflation, 168 MiB resident against 141 MiB mapped in one run); QEMU's \
-         anonymous guest RAM is all in its VmRSS. Balloon times run from setting the \
+         second-level tables (only one VM runs at a time). Host memory is what the host holds for \
+         the VMM: its VmRSS, plus, for ebb, the pages of its guest-RAM memfd that no mapping of \
+         ebb maps yet (VmRSS counts only mapped pages of a file; QEMU's anonymous guest RAM is all \
+         in its VmRSS). Guest RAM held is the part of it that is guest memory (ebb: the memfd's \
+         pages, by mincore; QEMU: the present pages of its guest RAM mapping, by pagemap), and \
+         its non-zero pages are the guest's data: what any VMM that keeps the guest's memory \
+         intact must hold (`ebb-memscan`, run in L1 at each phase). Balloon times run from setting the \
          target to the first reading (polled every 0.2 s) where the guest's driver reports it. \
          Absolute times under emulation mean little; the ratios do.\n\n",
         1024 - BALLOON_MIB
@@ -674,6 +711,7 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
     rig.echo = !cli.quiet;
     let ebb = static_ebb()?;
     let ctl = ebb.with_file_name("ebb-ctl");
+    let memscan = static_memscan()?;
     let script = workspace_root().join("scripts/bench-l1.sh");
     for round in 1..=cli.rounds {
         for setting in settings {
@@ -690,6 +728,7 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
             let job = Job::shell("sh ./bench-l1.sh")
                 .input(&ebb)
                 .input(&ctl)
+                .input(&memscan)
                 .input(l1_shell_lib())
                 .input(&script)
                 .env("BENCH_ORDER", order)
@@ -881,7 +920,8 @@ mod tests {
     fn line(vmm: &str, phase: &str, extra: &str) -> String {
         format!(
             "EBB-BENCH vmm={vmm} reporting=on phase={phase} label={phase} pid=1 comm=x t_ms=1000 \
-             VmRSS=2048 VmPTE=100 SecPageTables=40 PageTables=900 {extra}\n"
+             VmRSS=2048 VmPTE=100 SecPageTables=40 PageTables=900 host_kB=3072 guest_kB=1024 \
+             guest_zero_kB=256 {extra}\n"
         )
     }
 
@@ -941,7 +981,11 @@ mod tests {
         for ph in PHASES {
             assert!(t.contains(&format!("| {ph} |")), "{t}");
         }
-        assert!(t.contains("| 2.0 | 2.0 | 1.00 |"), "{t}");
+        assert!(
+            t.contains("| 3.0 | 3.0 | 1.00 | 2.0 | 2.0 | 1.0 | 1.0 | 0.8 | 0.8 |"),
+            "{t}"
+        );
+        assert!(t.contains("| 100 | 100 | 1.00 |"), "{t}");
         let c = csv(&rounds);
         assert_eq!(c.lines().count(), 1 + 14);
     }
