@@ -3,7 +3,8 @@
 # it, hold a 32 MiB working set, inflate the balloon to 768 MiB, re-read the working set,
 # deflate, touch 512 MiB fresh) for both VMMs in the same boot of the nested test host, each at its
 # defaults, with free page reporting on and/or off, over several rounds (the order alternates).
-# Prints a markdown table of medians (VmRSS, VmPTE, SecPageTables per phase; ebb's table bytes;
+# Prints markdown tables of medians (host memory, VmRSS, guest RAM held and its non-zero pages,
+# VmPTE, SecPageTables per phase; ebb's table bytes;
 # balloon times; re-fault costs) and writes it with the raw numbers (CSV), every round's log and
 # a picture of the page-table bytes over time (SVG) under target/bench/<time>/. Does its own
 # set-up on a fresh machine. The steps in L1 are in scripts/bench-l1.sh, the rounds, table and
