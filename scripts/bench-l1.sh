@@ -89,7 +89,7 @@ vmm_start() {
 # Sets the balloon's target to $1 MiB.
 balloon_set() {
     case "$V" in
-        ebb) "$CTL" --api-sock "$S" PUT /balloon "{\"target_mib\":$1}" >/dev/null ;;
+        ebb) "$CTL" --api-sock "$S" PATCH /balloon "{\"amount_mib\":$1}" >/dev/null ;;
         qemu)
             ebb-guest qmp --socket "$Q" -- \
                 "{\"execute\":\"balloon\",\"arguments\":{\"value\":$(((MEM_MIB - $1) << 20))}}" >/dev/null
@@ -100,7 +100,7 @@ balloon_set() {
 # The balloon's size as the guest's driver last reported it, in MiB (empty if unknown).
 balloon_mib() {
     case "$V" in
-        ebb) "$CTL" --api-sock "$S" GET /balloon | num actual_mib ;;
+        ebb) "$CTL" --api-sock "$S" GET /memory | num actual_mib ;;
         qemu)
             _a=$(ebb-guest qmp --socket "$Q" -- '{"execute":"query-balloon"}' 2>/dev/null |
                 sed -n 's/.*"actual": \([0-9]*\).*/\1/p' | head -n 1)
@@ -114,7 +114,7 @@ balloon_mib() {
 own_figures() {
     [ "$V" = ebb ] || return 0
     _vm=$("$CTL" --api-sock "$S" GET /vm) || return 0
-    _b=$("$CTL" --api-sock "$S" GET /balloon) || _b=""
+    _b=$("$CTL" --api-sock "$S" GET /memory) || _b=""
     _f=""
     for _k in table_bytes min_table_bytes resident_pages leaves_4k leaves_2m host_pte_bytes \
         kvm_table_bytes zaps ns_max blocks_emptied; do

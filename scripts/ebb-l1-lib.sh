@@ -69,12 +69,13 @@ wait_for() {
 # GET PATH on ebb's API socket.
 api_get() { "$CTL" --api-sock "$S" GET "$1"; }
 
-# The balloon's size as the driver last reported it, in MiB.
-balloon_actual() { api_get /balloon | num actual_mib; }
+# The balloon's size as the driver last reported it, in MiB. (GET /memory: ebb's figures, the
+# balloon's first, since its keys are sorted; `num` reads the first match.)
+balloon_actual() { api_get /memory | num actual_mib; }
 
 # Sets the balloon's target to $1 MiB and waits up to $2 seconds for the driver to reach it.
 set_target() {
-    "$CTL" --api-sock "$S" PUT /balloon "{\"target_mib\":$1}" >/dev/null || return 1
+    "$CTL" --api-sock "$S" PATCH /balloon "{\"amount_mib\":$1}" >/dev/null || return 1
     _i=0
     until [ "$(balloon_actual)" = "$1" ]; do
         _i=$((_i + 1))
@@ -84,7 +85,7 @@ set_target() {
     done
 }
 
-# Reads ebb's memory figures into vm, b (the /vm and /balloon answers), res, l4, l2, tb and mb
+# Reads ebb's memory figures into vm, b (the /vm and /memory answers), res, l4, l2, tb and mb
 # (resident pages, 4 KiB and 2 MiB leaves, table bytes and their minimum). The two answers are
 # two requests, and the guest runs meanwhile: a fault can land between the figures, and a
 # balloon chain between the answers (Linux's balloon compaction moves a page with one inflate
@@ -98,7 +99,7 @@ figures() {
     while [ $try -lt 5 ]; do
         try=$((try + 1))
         vm=$(api_get /vm) || return 1
-        b=$(api_get /balloon) || return 1
+        b=$(api_get /memory) || return 1
         res=$(echo "$vm" | num resident_pages); l4=$(echo "$vm" | num leaves_4k)
         l2=$(echo "$vm" | num leaves_2m); tb=$(echo "$vm" | num table_bytes)
         mb=$(echo "$vm" | num min_table_bytes)
@@ -125,15 +126,15 @@ snap() {
 }
 
 # Waits, for at most $1 seconds, until the guest has sent statistics asked for after this call:
-# every GET /balloon/stats asks for fresh ones, and the device counts each answer
+# every GET /balloon/statistics asks for fresh ones, and the device counts each answer
 # (stats_updates); the second answer after the start was asked for after it.
 fresh_stats() {
-    _u0=$(api_get /balloon | num stats_updates)
+    _u0=$(api_get /memory | num stats_updates)
     _i=0
-    while [ "$(api_get /balloon | num stats_updates)" -lt $((_u0 + 2)) ]; do
+    while [ "$(api_get /memory | num stats_updates)" -lt $((_u0 + 2)) ]; do
         _i=$((_i + 1))
         [ $_i -gt $(($1 * 5)) ] && return 1
-        api_get /balloon/stats >/dev/null || return 1
+        api_get /balloon/statistics >/dev/null || return 1
         sleep 0.2
     done
 }
@@ -141,8 +142,8 @@ fresh_stats() {
 # One EBB-BALLOON-STATS line labelled $1: the guest's last statistics (age_ms old) as key=value.
 # Call fresh_stats first for figures taken after a given moment.
 stats_snap() {
-    _st=$(api_get /balloon/stats) || return 1
-    echo "EBB-BALLOON-STATS label=$1 age_ms=$(echo "$_st" | num age_ms)" \
+    _st=$(api_get /balloon/statistics) || return 1
+    echo "EBB-BALLOON-STATS label=$1 age_ms=$(api_get /memory | num stats_age_ms)" \
         "total_memory=$(echo "$_st" | num total_memory) free_memory=$(echo "$_st" | num free_memory)" \
-        "available_memory=$(echo "$_st" | num available_memory) oom_kills=$(echo "$_st" | num oom_kills)"
+        "available_memory=$(echo "$_st" | num available_memory) oom_kill=$(echo "$_st" | num oom_kill)"
 }

@@ -21,12 +21,12 @@ pub fn stat_name(tag: u16) -> Option<&'static str> {
         7 => "disk_caches",
         8 => "hugetlb_allocations",
         9 => "hugetlb_failures",
-        10 => "oom_kills",
-        11 => "alloc_stalls",
-        12 => "async_scans",
-        13 => "direct_scans",
-        14 => "async_reclaims",
-        15 => "direct_reclaims",
+        10 => "oom_kill",
+        11 => "alloc_stall",
+        12 => "async_scan",
+        13 => "direct_scan",
+        14 => "async_reclaim",
+        15 => "direct_reclaim",
         _ => return None,
     })
 }

@@ -36,7 +36,7 @@ fn plugins(
         }
     };
     if settings.stats_polling_interval_s > 0 {
-        let every = std::time::Duration::from_secs(u64::from(settings.stats_polling_interval_s));
+        let every = parts.polling_interval_s.clone();
         if let Err(e) = ebb::devices::virtio::balloon::spawn_stats_poller(&parts.shared, every) {
             log::warn!("balloon statistics polling off: cannot start its thread: {e}");
         }

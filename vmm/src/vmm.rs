@@ -101,10 +101,35 @@ struct StatusHandler {
     extra: Option<Box<dyn ApiHandler>>,
 }
 
+impl StatusHandler {
+    fn memory(&mut self) -> ApiResponse {
+        let report = match self.memory.report() {
+            Ok(r) => r,
+            Err(e) => return ApiResponse::error(500, &format!("cannot read the figures: {e}")),
+        };
+        let mut body = serde_json::Map::new();
+        body.insert(
+            "memory".into(),
+            serde_json::to_value(report).unwrap_or_default(),
+        );
+        if let Some((key, figures)) = self.extra.as_mut().and_then(|e| e.memory_figures()) {
+            body.insert(key.into(), figures);
+        }
+        ApiResponse::ok(body.into())
+    }
+}
+
 impl ApiHandler for StatusHandler {
     fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> ApiResponse {
         match (method, path) {
-            ("GET", "/" | "/vm") => {
+            // Firecracker's instance information.
+            ("GET", "/") => ApiResponse::ok(serde_json::json!({
+                "id": "anonymous-instance",
+                "state": "Running",
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "ebb",
+            })),
+            ("GET", "/vm") => {
                 let report = self.memory.report();
                 ApiResponse::ok(serde_json::json!({
                     "state": if self.control.should_stop() { "stopping" } else { "running" },
@@ -113,10 +138,10 @@ impl ApiHandler for StatusHandler {
                     "memory": report.ok(),
                 }))
             }
-            (_, "/" | "/vm") => ApiResponse::error(405, "only GET is supported here"),
+            ("GET", "/memory") => self.memory(),
             _ => match &mut self.extra {
                 Some(extra) => extra.handle(method, path, body),
-                None => ApiResponse::error(404, "no such endpoint"),
+                None => ApiResponse::unknown(method, path),
             },
         }
     }

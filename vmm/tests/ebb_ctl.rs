@@ -34,7 +34,9 @@ fn ebb_ctl_drives_the_balloon_api() {
     let sock = std::env::temp_dir().join(format!("ebb-ctl-test-{}.sock", std::process::id()));
     let balloon = Balloon::new(BalloonConfig::default(), 256 << 20, Arc::new(NoRelease)).unwrap();
     let shared = Arc::new(Mutex::new(balloon));
-    let server = ApiServer::bind(&sock, Box::new(BalloonApi::new(shared.clone(), 0))).unwrap();
+    let interval = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let server =
+        ApiServer::bind(&sock, Box::new(BalloonApi::new(shared.clone(), interval))).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let loop_thread = std::thread::spawn(move || {
@@ -49,24 +51,41 @@ fn ebb_ctl_drives_the_balloon_api() {
     let (code, body) = ctl(&["--api-sock", s, "GET", "/balloon"]);
     assert_eq!(code, 0, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["target_mib"], 0);
-    assert_eq!(v["guest_ram_mib"], 256);
+    assert_eq!(v["amount_mib"], 0);
+    assert_eq!(v["free_page_hinting"], false);
 
-    let (code, body) = ctl(&["--api-sock", s, "PUT", "/balloon", r#"{"target_mib":128}"#]);
+    // No driver here, so a target is refused (Firecracker's rule) and changes nothing.
+    let (code, body) = ctl(&[
+        "--api-sock",
+        s,
+        "PATCH",
+        "/balloon",
+        r#"{"amount_mib":128}"#,
+    ]);
+    assert_eq!(code, 1);
+    assert!(body.contains("Device not activated yet"), "{body}");
+    let (code, body) = ctl(&["--api-sock", s, "PATCH", "/balloon", "{oops"]);
+    assert_eq!(code, 1);
+    assert!(body.contains("fault_message"), "{body}");
+    let (code, body) = ctl(&["--api-sock", s, "GET", "/nowhere"]);
+    assert_eq!(code, 1);
+    assert!(
+        body.contains("Invalid request method and/or path: GET nowhere."),
+        "{body}"
+    );
+    let (code, body) = ctl(&["--api-sock", s, "GET", "/balloon/statistics"]);
     assert_eq!(code, 0, "{body}");
-    assert_eq!(shared.lock().unwrap().target_pages(), 128 * 256);
-
-    let (code, body) = ctl(&["--api-sock", s, "PUT", "/balloon", r#"{"target_mib":257}"#]);
-    assert_eq!(code, 1);
-    assert!(body.contains("more than guest RAM"), "{body}");
-    let (code, _) = ctl(&["--api-sock", s, "PUT", "/balloon", "{oops"]);
-    assert_eq!(code, 1);
-    let (code, _) = ctl(&["--api-sock", s, "GET", "/nowhere"]);
-    assert_eq!(code, 1);
-    let (code, body) = ctl(&["--api-sock", s, "GET", "/balloon/stats"]);
-    assert_eq!(code, 0, "{body}");
-    assert!(body.contains("\"available\":false"), "{body}");
-    assert_eq!(shared.lock().unwrap().target_pages(), 128 * 256);
+    assert!(body.contains("\"actual_mib\":0"), "{body}");
+    // A 204 has no body: ebb-ctl succeeds and prints an empty line.
+    let (code, body) = ctl(&[
+        "--api-sock",
+        s,
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s":0}"#,
+    ]);
+    assert_eq!((code, body.trim()), (0, ""));
+    assert_eq!(shared.lock().unwrap().target_pages(), 0);
 
     let (code, _) = ctl(&["--api-sock", "/nonexistent/ebb.sock", "GET", "/balloon"]);
     assert_eq!(code, 2, "cannot connect");

@@ -37,12 +37,12 @@ snap deflated || fail "API snapshot failed"
 tell_guest check
 wait_for "EBB-RESULT hog phase=held" 150 || fail "the guest never ran hog"
 snap hog || fail "API snapshot failed"
-r0=$(api_get /balloon | num bytes_reported)
+r0=$(api_get /memory | num bytes_reported)
 tell_guest free
 wait_for "EBB-RESULT hog phase=released" 60 || fail "hog never released its memory"
 # Free page reporting runs about 2 s after the free: wait until it has reported 100 MiB.
 i=0
-until [ "$(api_get /balloon | num bytes_reported)" -ge $((r0 + 100 * 1048576)) ]; do
+until [ "$(api_get /memory | num bytes_reported)" -ge $((r0 + 100 * 1048576)) ]; do
     i=$((i + 1))
     [ $i -gt 300 ] && fail "free page reporting reported less than 100 MiB in 60 s"
     sleep 0.2

@@ -39,17 +39,17 @@ G="$G && echo EBB-OOM-FILLED && ebb-guest wait-line"
 start_ebb "$G" --hlt-in-guest --balloon --balloon-deflate-on-oom --balloon-stats-s 1
 wait_for "EBB-INTEGRITY-WAITING" 120 || fail "the guest never held its pages"
 fresh_stats 30 || fail "no fresh guest statistics"
-stats_snap before || fail "GET /balloon/stats failed"
+stats_snap before || fail "GET /balloon/statistics failed"
 snap held || fail "API snapshot failed"
 set_target "$TARGET_MIB" 60 || fail "the balloon did not reach $TARGET_MIB MiB in 60 s"
 snap inflated || fail "API snapshot failed"
 fresh_stats 30 || fail "no fresh guest statistics"
-stats_snap inflated || fail "GET /balloon/stats failed"
+stats_snap inflated || fail "GET /balloon/statistics failed"
 tell_guest fill
 wait_for "^EBB-OOM-FILLED" 150 || fail "the guest never finished writing its file"
 snap oom || fail "API snapshot failed"
 fresh_stats 30 || fail "no fresh guest statistics"
-stats_snap oom || fail "GET /balloon/stats failed"
+stats_snap oom || fail "GET /balloon/statistics failed"
 tell_guest done
 finish
 "#;
@@ -115,7 +115,7 @@ fn balloon_statistics_and_deflate_on_oom() {
     );
     assert_eq!(oom["actual_pages"], oom["held"], "{oom:?}");
     assert!(oom["actual_mib"] < TARGET_MIB - 64, "{oom:?}");
-    assert_eq!(s_oom["oom_kills"], s_before["oom_kills"], "{s_oom:?}");
+    assert_eq!(s_oom["oom_kill"], s_before["oom_kill"], "{s_oom:?}");
 
     check_exit_report(&text);
     eprintln!(

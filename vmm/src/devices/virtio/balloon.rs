@@ -1,6 +1,6 @@
 //! The virtio-balloon device wired into ebb: a thin [`VirtioDevice`] over the `balloon`
 //! crate's device model, the release backend that hands ranges to [`VmMemory::discard`], the
-//! `/balloon` API endpoints, and the statistics polling thread.
+//! `/balloon` API endpoints (Firecracker's), and the statistics polling thread.
 //!
 //! Threads and locks: the device model sits in one `Arc<Mutex<Balloon>>`. The transport
 //! reaches it from a vCPU thread (config space, status) or the event-loop thread (queue
@@ -12,6 +12,7 @@
 //! chain of 256 pages is one `discard_many` call over its runs of contiguous frames, which
 //! returns only after guest-mm has dropped the leaves and freed emptied table pages.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use balloon::{
 use serde_json::{Value, json};
 
 use super::{ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
-use crate::api::{ApiHandler, ApiResponse};
+use crate::api::{ApiHandler, ApiResponse, NOT_AFTER_START, parse_body};
 use crate::config::BalloonSettings;
 use crate::memory::VmMemory;
 
@@ -156,6 +157,9 @@ pub struct BalloonParts {
     pub api: Box<dyn ApiHandler>,
     /// The state both reach.
     pub shared: SharedBalloon,
+    /// Seconds between statistics refreshes (0: only when the API asks), shared with the
+    /// endpoints that change it.
+    pub polling_interval_s: Arc<AtomicU32>,
 }
 
 /// Builds the balloon over `memory` with `settings`.
@@ -171,34 +175,36 @@ pub fn build(
     let backend = Arc::new(MemoryRelease(memory.clone()));
     let balloon = Balloon::new(config, memory.size() as u64, backend)?;
     let shared = Arc::new(Mutex::new(balloon));
+    let interval = Arc::new(AtomicU32::new(settings.stats_polling_interval_s));
     Ok(BalloonParts {
         device: Box::new(BalloonDevice::new(shared.clone())),
-        api: Box::new(BalloonApi::new(
-            shared.clone(),
-            settings.stats_polling_interval_s,
-        )),
+        api: Box::new(BalloonApi::new(shared.clone(), interval.clone())),
         shared,
+        polling_interval_s: interval,
     })
 }
 
-/// Starts a thread that asks the guest for fresh statistics every `interval`; it ends on its
-/// own once the balloon is dropped.
+/// Starts a thread that asks the guest for fresh statistics every `interval` seconds (read at
+/// every tick, so `PATCH /balloon/statistics` changes it); it ends on its own once the balloon
+/// is dropped.
 pub fn spawn_stats_poller(
     shared: &SharedBalloon,
-    interval: Duration,
+    interval: Arc<AtomicU32>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let weak: Weak<Mutex<Balloon>> = Arc::downgrade(shared);
-    let tick = interval.min(Duration::from_millis(500));
     std::thread::Builder::new()
         .name("balloon-stats".into())
         .spawn(move || {
             let mut last = Instant::now();
             loop {
-                std::thread::sleep(tick);
+                let every = Duration::from_secs(u64::from(interval.load(Ordering::Relaxed)));
+                std::thread::sleep(
+                    every.clamp(Duration::from_millis(100), Duration::from_millis(500)),
+                );
                 let Some(b) = weak.upgrade() else {
                     return;
                 };
-                if last.elapsed() >= interval {
+                if !every.is_zero() && last.elapsed() >= every {
                     last = Instant::now();
                     lock(&b).request_stats();
                 }
@@ -206,29 +212,66 @@ pub fn spawn_stats_poller(
         })
 }
 
-/// Request body of `PUT /balloon`.
+/// Body of `PATCH /balloon` (Firecracker's `BalloonUpdateConfig`).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TargetRequest {
-    target_mib: u64,
+struct BalloonUpdate {
+    amount_mib: u32,
 }
 
-/// The `/balloon` and `/balloon/stats` endpoints.
+/// Body of `PATCH /balloon/statistics` (Firecracker's `BalloonUpdateStatsConfig`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsUpdate {
+    stats_polling_interval_s: u16,
+}
+
+/// `GET /balloon`: the device's configuration (Firecracker's `BalloonDeviceConfig`).
+#[derive(serde::Serialize)]
+struct BalloonConfigReply {
+    /// The target, in MiB.
+    amount_mib: u64,
+    deflate_on_oom: bool,
+    stats_polling_interval_s: u32,
+    free_page_hinting: bool,
+    free_page_reporting: bool,
+}
+
+/// The refusal of every hinting request: ebb's balloon does not offer free page hinting.
+const HINTING_OFF: &str =
+    "Balloon update error: Balloon: Attempting to use hinting when not enabled";
+
+/// The `/balloon` endpoints, Firecracker's: `GET` and `PATCH /balloon`, `GET` and
+/// `PATCH /balloon/statistics`, and the hinting endpoints (refused: not offered). ebb's own
+/// figures of the device are in `GET /memory` ([`ApiHandler::memory_figures`]).
 pub struct BalloonApi {
     shared: SharedBalloon,
-    polling_interval_s: u32,
+    polling_interval_s: Arc<AtomicU32>,
 }
 
 impl BalloonApi {
-    /// Endpoints over `shared`; `polling_interval_s` is only reported.
-    pub fn new(shared: SharedBalloon, polling_interval_s: u32) -> Self {
+    /// Endpoints over `shared`; `polling_interval_s` is the poller's interval.
+    pub fn new(shared: SharedBalloon, polling_interval_s: Arc<AtomicU32>) -> Self {
         BalloonApi {
             shared,
             polling_interval_s,
         }
     }
 
-    fn status(&self) -> ApiResponse {
+    fn config(&self) -> ApiResponse {
+        let b = lock(&self.shared);
+        let offered = b.device_features();
+        ApiResponse::json(&BalloonConfigReply {
+            amount_mib: b.target_pages() / PAGES_PER_MIB,
+            deflate_on_oom: offered & (1 << balloon::F_DEFLATE_ON_OOM) != 0,
+            stats_polling_interval_s: self.polling_interval_s.load(Ordering::Relaxed),
+            free_page_hinting: false,
+            free_page_reporting: offered & (1 << balloon::F_REPORTING) != 0,
+        })
+    }
+
+    /// ebb's figures of the device: target and size, pages held, features, counters.
+    fn figures(&self) -> Value {
         let b = lock(&self.shared);
         let acked = b.acked_features();
         let offered = b.device_features();
@@ -240,7 +283,7 @@ impl BalloonApi {
                 "reporting": feature(f, balloon::F_REPORTING),
             })
         };
-        ApiResponse::ok(json!({
+        json!({
             "active": b.is_active(),
             "guest_ram_mib": b.ram_bytes() >> 20,
             "target_mib": b.target_pages() / PAGES_PER_MIB,
@@ -250,64 +293,87 @@ impl BalloonApi {
             "held_pages": b.held_pages(),
             "offered": features(offered),
             "negotiated": features(acked),
-            "stats_polling_interval_s": self.polling_interval_s,
+            "stats_polling_interval_s": self.polling_interval_s.load(Ordering::Relaxed),
+            "stats_age_ms": b.guest_stats().map(|g| g.received.elapsed().as_millis() as u64),
             "counters": counters_json(&b.stats()),
-        }))
+        })
     }
 
-    fn set_target(&self, body: &[u8]) -> ApiResponse {
-        let req: TargetRequest = match serde_json::from_slice(body) {
+    fn set_amount(&self, body: &[u8]) -> ApiResponse {
+        let req: BalloonUpdate = match parse_body(body) {
             Ok(r) => r,
-            Err(e) => {
-                return ApiResponse::error(400, &format!("expected {{\"target_mib\": N}}: {e}"));
-            }
+            Err(refusal) => return refusal,
         };
         let mut b = lock(&self.shared);
+        if !b.is_active() {
+            return ApiResponse::fault("Balloon update error: Balloon: Device not activated yet.");
+        }
         let ram_mib = b.ram_bytes() >> 20;
-        let pages = req.target_mib.checked_mul(PAGES_PER_MIB);
-        match pages.map(|p| b.set_target_pages(p)) {
-            Some(Ok(())) => {
-                log::info!("balloon target set to {} MiB", req.target_mib);
-                drop(b);
-                self.status()
+        match b.set_target_pages(u64::from(req.amount_mib) * PAGES_PER_MIB) {
+            Ok(()) => {
+                log::info!("balloon target set to {} MiB", req.amount_mib);
+                ApiResponse::no_content()
             }
-            Some(Err(BalloonError::TargetTooLarge { .. })) | None => ApiResponse::error(
-                400,
-                &format!(
-                    "target_mib {} is more than guest RAM ({ram_mib} MiB)",
-                    req.target_mib
-                ),
-            ),
-            Some(Err(e)) => ApiResponse::error(400, &e.to_string()),
+            Err(BalloonError::TargetTooLarge { .. }) => ApiResponse::fault(&format!(
+                "Balloon update error: Balloon: Requested memory should be less than {ram_mib}MiB"
+            )),
+            Err(e) => ApiResponse::fault(&format!("Balloon update error: {e}")),
         }
     }
 
-    fn guest_stats(&self) -> ApiResponse {
+    fn statistics(&self) -> ApiResponse {
         let mut b = lock(&self.shared);
-        // The guest answers on the event loop after this request returns: the figures shown
-        // are the last ones received, and the next request sees the refreshed ones.
-        let refresh = b.request_stats();
-        let negotiated = b.acked_features() & (1 << balloon::F_STATS_VQ) != 0;
-        let Some(g) = b.guest_stats() else {
-            return ApiResponse::ok(json!({
-                "available": false,
-                "stats_queue": negotiated,
-                "refresh_requested": refresh,
-            }));
-        };
-        let mut stats = serde_json::Map::new();
-        for &(tag, val) in &g.entries {
-            let key = stat_name(tag).map_or_else(|| format!("tag_{tag}"), str::to_owned);
-            stats.insert(key, Value::from(val));
+        if b.device_features() & (1 << balloon::F_STATS_VQ) == 0 {
+            return ApiResponse::fault(
+                "Internal VMM error: Balloon: Received stats query when stats are disabled.",
+            );
         }
-        ApiResponse::ok(json!({
-            "available": true,
-            "stats_queue": negotiated,
-            "refresh_requested": refresh,
-            "age_ms": g.received.elapsed().as_millis() as u64,
-            "ignored_bytes": g.ignored_bytes,
-            "stats": stats,
-        }))
+        // Every read also asks the guest for fresh figures: they come back on the event loop
+        // after this request returns, and the next read shows them.
+        b.request_stats();
+        let (target, actual) = (b.target_pages(), b.actual_pages());
+        let mut out = serde_json::Map::new();
+        out.insert("target_pages".into(), target.into());
+        out.insert("actual_pages".into(), actual.into());
+        out.insert("target_mib".into(), (target / PAGES_PER_MIB).into());
+        out.insert("actual_mib".into(), (actual / PAGES_PER_MIB).into());
+        if let Some(g) = b.guest_stats() {
+            // Firecracker's order: by tag; tags it does not know are left out.
+            let mut known: Vec<(u16, u64)> = g
+                .entries
+                .iter()
+                .copied()
+                .filter(|&(tag, _)| stat_name(tag).is_some())
+                .collect();
+            known.sort_by_key(|&(tag, _)| tag);
+            for (tag, val) in known {
+                if let Some(name) = stat_name(tag) {
+                    out.insert(name.into(), val.into());
+                }
+            }
+        }
+        ApiResponse::ok(out.into())
+    }
+
+    fn set_stats_interval(&self, body: &[u8]) -> ApiResponse {
+        let req: StatsUpdate = match parse_body(body) {
+            Ok(r) => r,
+            Err(refusal) => return refusal,
+        };
+        let new = u32::from(req.stats_polling_interval_s);
+        let old = self.polling_interval_s.load(Ordering::Relaxed);
+        if new == old {
+            return ApiResponse::no_content();
+        }
+        let stats = lock(&self.shared).device_features() & (1 << balloon::F_STATS_VQ) != 0;
+        if !stats || (old == 0) != (new == 0) {
+            return ApiResponse::fault(
+                "Balloon update error: Balloon: Statistics cannot be enabled/disabled after activation.",
+            );
+        }
+        self.polling_interval_s.store(new, Ordering::Relaxed);
+        lock(&self.shared).request_stats();
+        ApiResponse::no_content()
     }
 }
 
@@ -343,13 +409,19 @@ fn counters_json(s: &BalloonStats) -> Value {
 impl ApiHandler for BalloonApi {
     fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> ApiResponse {
         match (method, path) {
-            ("GET", "/balloon") => self.status(),
-            ("PUT" | "PATCH", "/balloon") => self.set_target(body),
-            ("GET", "/balloon/stats") => self.guest_stats(),
-            (_, "/balloon") => ApiResponse::error(405, "GET, PUT or PATCH here"),
-            (_, "/balloon/stats") => ApiResponse::error(405, "only GET is supported here"),
-            _ => ApiResponse::error(404, "no such endpoint"),
+            ("GET", "/balloon") => self.config(),
+            ("PATCH", "/balloon") => self.set_amount(body),
+            ("PUT", "/balloon") => ApiResponse::fault(NOT_AFTER_START),
+            ("GET", "/balloon/statistics") => self.statistics(),
+            ("PATCH", "/balloon/statistics") => self.set_stats_interval(body),
+            ("PATCH", "/balloon/hinting/start" | "/balloon/hinting/stop")
+            | ("GET", "/balloon/hinting/status") => ApiResponse::fault(HINTING_OFF),
+            _ => ApiResponse::unknown(method, path),
         }
+    }
+
+    fn memory_figures(&mut self) -> Option<(&'static str, Value)> {
+        Some(("balloon", self.figures()))
     }
 }
 

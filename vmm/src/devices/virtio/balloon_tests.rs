@@ -127,8 +127,25 @@ fn put_pfns(gm: &GuestMemoryMmap, at: u64, pfns: impl Iterator<Item = u64>) -> u
     bytes.len() as u32
 }
 
-fn api(h: &mut dyn ApiHandler, method: &str, path: &str, body: &str) -> ApiResponse {
-    h.handle(method, path, body.as_bytes())
+/// An answer with its body as a JSON value (null for 204).
+struct Answer {
+    status: u16,
+    body: Value,
+}
+
+fn api(h: &mut dyn ApiHandler, method: &str, path: &str, body: &str) -> Answer {
+    let r = h.handle(method, path, body.as_bytes());
+    Answer {
+        status: r.status,
+        body: r.body.unwrap_or(Value::Null),
+    }
+}
+
+/// The device's figures in `GET /memory`.
+fn figures(h: &mut dyn ApiHandler) -> Value {
+    let (key, v) = h.memory_figures().expect("the balloon adds its figures");
+    assert_eq!(key, "balloon");
+    v
 }
 
 const SETTINGS: BalloonSettings = BalloonSettings {
@@ -195,8 +212,10 @@ fn inflate_through_the_transport_releases_pages_and_their_tables() {
     kick(&mut t, 1);
     assert_eq!(qs[1].used(), 1);
 
-    let status = api(api_handler.as_mut(), "GET", "/balloon", "");
-    assert_eq!(status.status, 200);
+    let status = Answer {
+        status: 200,
+        body: figures(api_handler.as_mut()),
+    };
     let c = &status.body["counters"];
     assert_eq!(c["pages_inflated"], 67);
     // guest-mm counts what the host freed, which may include whole 2 MiB blocks and
@@ -222,47 +241,96 @@ fn api_sets_the_target_and_reports_guest_stats() {
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::new(parts.device, gm.clone(), irq.try_clone().unwrap()).unwrap();
 
-    // Before the driver is up the target is stored, no interrupt.
+    // Before the driver is up a target is refused (Firecracker's rule), and nothing changes.
+    let r = api(h.as_mut(), "PATCH", "/balloon", r#"{"amount_mib": 8}"#);
+    assert_eq!(r.status, 400);
     assert_eq!(
-        api(h.as_mut(), "PUT", "/balloon", r#"{"target_mib": 8}"#).status,
-        200
+        r.body["fault_message"],
+        "Balloon update error: Balloon: Device not activated yet."
     );
     assert!(irq.read().is_err(), "no interrupt before DRIVER_OK");
     let mut qs = bring_up(&mut t, &gm);
     let mut cfg = [0u8; 4];
     t.read(0x100, &mut cfg);
-    assert_eq!(u32::from_le_bytes(cfg), 8 * 256);
+    assert_eq!(u32::from_le_bytes(cfg), 0);
 
-    let r = api(h.as_mut(), "PUT", "/balloon", r#"{"target_mib": 32}"#);
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body["target_mib"], 32);
+    let r = api(h.as_mut(), "PATCH", "/balloon", r#"{"amount_mib": 32}"#);
+    assert_eq!(r.status, 204);
+    assert_eq!(r.body, Value::Null);
     assert_eq!(r32(&mut t, 0x60) & 2, 2, "config-change interrupt");
     t.read(0x100, &mut cfg);
     assert_eq!(u32::from_le_bytes(cfg), 32 * 256);
     // The driver reports progress through `actual`.
     t.write(0x104, &(16u32 * 256).to_le_bytes());
     let s = api(h.as_mut(), "GET", "/balloon", "");
+    assert_eq!(s.status, 200);
     assert_eq!(
-        (s.body["target_mib"].clone(), s.body["actual_mib"].clone()),
+        s.body,
+        serde_json::json!({
+            "amount_mib": 32,
+            "deflate_on_oom": true,
+            "stats_polling_interval_s": 0,
+            "free_page_hinting": false,
+            "free_page_reporting": true,
+        })
+    );
+    let f = figures(h.as_mut());
+    assert_eq!(
+        (f["target_mib"].clone(), f["actual_mib"].clone()),
         (32.into(), 16.into())
     );
 
     for (body, why) in [
-        (r#"{"target_mib": 65}"#, "beyond guest RAM"),
-        (r#"{"target_mib": 18446744073709551615}"#, "overflows pages"),
-        (r#"{"target_mib": -1}"#, "negative"),
-        (r#"{"target_mib": "lots"}"#, "not a number"),
-        (r#"{"target": 1}"#, "unknown field"),
+        (r#"{"amount_mib": 65}"#, "beyond guest RAM"),
+        (r#"{"amount_mib": 4294967296}"#, "beyond u32"),
+        (r#"{"amount_mib": -1}"#, "negative"),
+        (r#"{"amount_mib": "lots"}"#, "not a number"),
+        (
+            r#"{"amount_mib": 1, "stats_polling_interval_s": 1}"#,
+            "unknown field",
+        ),
+        (r#"{"target_mib": 1}"#, "ebb's old field"),
         ("{", "bad JSON"),
         ("", "empty"),
     ] {
-        let r = api(h.as_mut(), "PUT", "/balloon", body);
+        let r = api(h.as_mut(), "PATCH", "/balloon", body);
         assert_eq!(r.status, 400, "{why}: {:?}", r.body);
-        assert!(r.body["error"].is_string());
+        assert!(r.body["fault_message"].is_string(), "{why}");
     }
-    assert_eq!(api(h.as_mut(), "GET", "/balloon/nope", "").status, 404);
-    assert_eq!(api(h.as_mut(), "DELETE", "/balloon", "").status, 405);
-    assert_eq!(api(h.as_mut(), "PUT", "/balloon/stats", "").status, 405);
+    for (method, path, message) in [
+        (
+            "GET",
+            "/balloon/nope",
+            "Invalid request method and/or path: GET balloon.",
+        ),
+        (
+            "DELETE",
+            "/balloon",
+            "Invalid request method and/or path: DELETE balloon.",
+        ),
+        (
+            "PUT",
+            "/balloon",
+            "The requested operation is not supported after starting the microVM.",
+        ),
+        (
+            "PATCH",
+            "/balloon/hinting/start",
+            "Balloon update error: Balloon: Attempting to use hinting when not enabled",
+        ),
+        (
+            "GET",
+            "/balloon/hinting/status",
+            "Balloon update error: Balloon: Attempting to use hinting when not enabled",
+        ),
+    ] {
+        let r = api(h.as_mut(), method, path, r#"{"amount_mib": 1}"#);
+        assert_eq!(
+            (r.status, r.body["fault_message"].as_str()),
+            (400, Some(message)),
+            "{method} {path}"
+        );
+    }
     t.read(0x100, &mut cfg);
     assert_eq!(
         u32::from_le_bytes(cfg),
@@ -270,11 +338,16 @@ fn api_sets_the_target_and_reports_guest_stats() {
         "refused requests change nothing"
     );
 
-    // Statistics: nothing yet, then the driver's buffer (free memory 100 MiB, an unknown tag).
-    let r = api(h.as_mut(), "GET", "/balloon/stats", "");
-    assert_eq!(r.body["available"], false);
+    // Statistics: the sizes only, then the driver's buffer (free memory 100 MiB, an unknown
+    // tag, which Firecracker's names leave out).
+    let r = api(h.as_mut(), "GET", "/balloon/statistics", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body,
+        serde_json::json!({"target_pages": 8192, "actual_pages": 4096, "target_mib": 32, "actual_mib": 16})
+    );
     let mut b = Vec::new();
-    for (tag, val) in [(4u16, 100 * MIB), (5, 64 * MIB), (77, 9)] {
+    for (tag, val) in [(4u16, 100 * MIB), (5, 64 * MIB), (10, 0), (77, 9)] {
         b.extend_from_slice(&tag.to_le_bytes());
         b.extend_from_slice(&val.to_le_bytes());
     }
@@ -282,14 +355,90 @@ fn api_sets_the_target_and_reports_guest_stats() {
     qs[2].add(&[(0x21_0000, b.len() as u32, 0)]);
     kick(&mut t, 2);
     assert_eq!(qs[2].used(), 0, "held until a refresh is wanted");
-    let r = api(h.as_mut(), "GET", "/balloon/stats", "");
+    let r = api(h.as_mut(), "GET", "/balloon/statistics", "");
     assert_eq!(r.status, 200);
-    assert_eq!(r.body["available"], true);
-    assert_eq!(r.body["stats"]["free_memory"], 100 * MIB);
-    assert_eq!(r.body["stats"]["tag_77"], 9);
-    assert_eq!(r.body["refresh_requested"], true);
-    assert!(r.body["age_ms"].as_u64().is_some());
+    assert_eq!(r.body["free_memory"], 100 * MIB);
+    assert_eq!(r.body["total_memory"], 64 * MIB);
+    assert_eq!(r.body["oom_kill"], 0);
+    assert_eq!(r.body.as_object().unwrap().len(), 7, "{:?}", r.body);
     assert_eq!(qs[2].used(), 1, "the buffer went back for fresh figures");
+    assert!(figures(h.as_mut())["stats_age_ms"].as_u64().is_some());
+
+    // The polling interval: the same value is a no-op; turning polling on once the device
+    // runs is refused, as Firecracker refuses it.
+    let r = api(
+        h.as_mut(),
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s": 0}"#,
+    );
+    assert_eq!(r.status, 204);
+    let r = api(
+        h.as_mut(),
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s": 5}"#,
+    );
+    assert_eq!(
+        (r.status, r.body["fault_message"].as_str()),
+        (
+            400,
+            Some(
+                "Balloon update error: Balloon: Statistics cannot be enabled/disabled after activation."
+            )
+        )
+    );
+    assert_eq!(figures(h.as_mut())["stats_polling_interval_s"], 0);
+}
+
+#[test]
+fn a_running_pollers_interval_changes_and_stats_off_refuses_statistics() {
+    let memory = tracked_memory(64, Some(false));
+    let settings = BalloonSettings {
+        stats_polling_interval_s: 3,
+        ..SETTINGS
+    };
+    let parts = build(&memory, &settings).unwrap();
+    let mut h = parts.api;
+    let r = api(
+        h.as_mut(),
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s": 7}"#,
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        parts.polling_interval_s.load(Ordering::Relaxed),
+        7,
+        "the poller reads the new interval"
+    );
+    assert_eq!(
+        api(h.as_mut(), "GET", "/balloon", "").body["stats_polling_interval_s"],
+        7
+    );
+    for body in [
+        r#"{"stats_polling_interval_s": 70000}"#,
+        r#"{"interval": 1}"#,
+    ] {
+        assert_eq!(
+            api(h.as_mut(), "PATCH", "/balloon/statistics", body).status,
+            400
+        );
+    }
+
+    let settings = BalloonSettings {
+        stats: false,
+        ..SETTINGS
+    };
+    let mut h = build(&memory, &settings).unwrap().api;
+    let r = api(h.as_mut(), "GET", "/balloon/statistics", "");
+    assert_eq!(
+        (r.status, r.body["fault_message"].as_str()),
+        (
+            400,
+            Some("Internal VMM error: Balloon: Received stats query when stats are disabled.")
+        )
+    );
 }
 
 #[test]
