@@ -1,5 +1,5 @@
 //! End to end: the balloon under a real Debian guest in the rig. ebb boots with the balloon (free
-//! page reporting and statistics on); the guest writes 128 MiB of checksummed pages and holds
+//! page reporting and statistics on); the guest writes 96 MiB of checksummed pages and holds
 //! them while L1 inflates the balloon to 256 MiB over the API socket (`ebb-ctl`), then deflates
 //! it; the guest then checks every page, takes and frees 192 MiB (`hog`), and free page
 //! reporting gives that memory back. At each step the test reads ebb's memory report: ballooned
@@ -25,7 +25,10 @@ E="$EBB_RIG_INPUTS/ebb"; CTL="$EBB_RIG_INPUTS/ebb-ctl"; S=/run/ebb.sock; OUT=/tm
 . "$EBB_RIG_INPUTS/ebb-l1-lib.sh"
 # The guest holds its pages until told to check them, holds the hog until told to free it, and
 # stays up until told it may power off.
-G="ebb-guest integrity --mib 128 --wait-console && ebb-guest hog --mib 192 --hold-secs 0 --wait-console"
+# 96 MiB: with 128 the 512 MiB guest ran out of memory in about one run in three, when free
+# page reporting had isolated free blocks just as the balloon took the last free pages (a guest
+# OOM kill of the holder, not a host fault).
+G="ebb-guest integrity --mib 96 --wait-console && ebb-guest hog --mib 192 --hold-secs 0 --wait-console"
 G="$G && ebb-guest wait-line"
 start_ebb "$G" --hlt-in-guest --balloon --balloon-reporting --balloon-stats-s 2
 wait_for "EBB-INTEGRITY-WAITING" 120 || fail "the guest never held its pages"
@@ -56,7 +59,7 @@ finish
 fn balloon_gives_back_memory_and_its_tables_with_guest_data_intact() {
     let (out, text) = run_balloon_script("ebb_balloon", SCRIPT, &[], Duration::from_secs(900));
     let integrity = out.result("integrity").expect("integrity result");
-    assert_eq!(integrity.u64("checked"), Some(128 * 256));
+    assert_eq!(integrity.u64("checked"), Some(96 * 256));
     assert_eq!(
         integrity.u64("bad_pages"),
         Some(0),
