@@ -30,6 +30,37 @@ start_ebb() {
     exec 3>"$S.in"
 }
 
+# Starts ebb with only its API socket and configures it over the socket with Firecracker's
+# requests: the boot source (the L2 kernel and initramfs, the guest command $1), the machine
+# (EBB_VCPUS, EBB_MEMORY_MIB), the balloon when EBB_BALLOON_JSON holds a PUT /balloon body, then
+# InstanceStart. Sets pid; fd 3 is the guest's console input. Fails if a request is refused.
+start_ebb_api() {
+    _g=$1
+    trap '' PIPE
+    rm -f "$S" "$S.in"
+    mkfifo "$S.in"
+    "$E" --api-sock "$S" <"$S.in" >"$OUT" 2>&1 &
+    pid=$!
+    exec 3>"$S.in"
+    # The socket appears once ebb listens.
+    _i=0
+    while [ ! -S "$S" ]; do
+        _i=$((_i + 1))
+        [ $_i -gt 300 ] && return 1
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    "$CTL" --api-sock "$S" PUT /boot-source "{\"kernel_image_path\":\"$EBB_L2_KERNEL\",\
+\"initrd_path\":\"$EBB_L2_INITRAMFS\",\"boot_args\":\"console=ttyS0 reboot=k panic=-1 quiet -- $_g\"}" ||
+        return 1
+    "$CTL" --api-sock "$S" PUT /machine-config \
+        "{\"vcpu_count\":${EBB_VCPUS:-2},\"mem_size_mib\":${EBB_MEMORY_MIB:-512}}" || return 1
+    if [ -n "${EBB_BALLOON_JSON:-}" ]; then
+        "$CTL" --api-sock "$S" PUT /balloon "$EBB_BALLOON_JSON" || return 1
+    fi
+    "$CTL" --api-sock "$S" PUT /actions '{"action_type":"InstanceStart"}'
+}
+
 # Sends the line $1 to the guest's console (ebb keeps it until the guest's UART listens).
 tell_guest() { echo "$1" >&3 2>/dev/null; }
 

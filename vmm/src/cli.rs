@@ -25,7 +25,8 @@ pub struct Cli {
     /// Guest RAM in MiB.
     #[arg(long = "memory-mib")]
     pub memory_mib: Option<u64>,
-    /// Unix socket answering API requests.
+    /// Unix socket answering API requests (docs/API.md). Without a kernel, ebb waits there for
+    /// Firecracker's configuration (PUT /boot-source, /machine-config, /balloon, /actions).
     #[arg(long = "api-sock")]
     pub api_sock: Option<PathBuf>,
     /// JSON file with the same fields; command-line flags override it.
@@ -89,11 +90,20 @@ pub struct Cli {
     /// host's 2 MiB page or KVM's entry); 0 releases every page at once. Default 50.
     #[arg(long = "balloon-partial-release-ms")]
     pub balloon_partial_release_ms: Option<u64>,
+    /// The balloon's target when the guest's driver comes up, in MiB (default 0).
+    #[arg(long = "balloon-target-mib")]
+    pub balloon_target_mib: Option<u64>,
 }
 
 impl Cli {
     /// Merges the config file (if any) with the flags and validates the result.
     pub fn into_config(self) -> Result<VmConfig, ConfigError> {
+        VmConfig::validate(self.into_file()?)
+    }
+
+    /// Merges the config file (if any) with the flags, unchecked: the configuration before start
+    /// (over the API) builds on it.
+    pub fn into_file(self) -> Result<ConfigFile, ConfigError> {
         let file = match &self.config {
             Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
@@ -120,8 +130,9 @@ impl Cli {
             balloon_reporting: self.balloon_reporting.then_some(true),
             zap_kvm_tables_after: self.zap_kvm_tables_after,
             balloon_partial_release_ms: self.balloon_partial_release_ms,
+            balloon_target_mib: self.balloon_target_mib,
         };
-        VmConfig::validate(file.overlay(flags))
+        Ok(file.overlay(flags))
     }
 }
 

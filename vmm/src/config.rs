@@ -20,7 +20,9 @@ pub const DEFAULT_HUGE_FAULT_AROUND: u32 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No kernel image was named.
-    #[error("no kernel given: pass --kernel PATH or set \"kernel\" in the config file")]
+    #[error(
+        "no kernel given: pass --kernel PATH, set \"kernel\" in the config file, or start with only --api-sock and configure over the API"
+    )]
     MissingKernel,
     /// The kernel image cannot be opened.
     #[error("kernel image {path} is not readable")]
@@ -69,9 +71,20 @@ pub enum ConfigError {
         "balloon-stats-s must be 0 to {MAX_BALLOON_STATS_S} and needs the statistics queue, got {0}"
     )]
     BadBalloonStatsInterval(u32),
+    /// The balloon's first target is more than guest RAM.
+    #[error("balloon-target-mib {0} is more than guest RAM ({1} MiB)")]
+    BadBalloonTarget(u64, u64),
     /// The balloon's partial-release delay is out of range.
     #[error("balloon-partial-release-ms must be 0 to {MAX_BALLOON_PARTIAL_RELEASE_MS}, got {0}")]
     BadBalloonPartialRelease(u64),
+    /// A Firecracker configuration file was refused.
+    #[error("config file {path} (Firecracker's format): {why}")]
+    FirecrackerFile {
+        /// The path that was given.
+        path: PathBuf,
+        /// What was refused.
+        why: String,
+    },
     /// The config file is not valid JSON for a VM description.
     #[error("config file {path} is malformed")]
     FileMalformed {
@@ -127,6 +140,8 @@ pub struct ConfigFile {
     pub balloon_stats_s: Option<u32>,
     /// Offer free page reporting (default false).
     pub balloon_reporting: Option<bool>,
+    /// The balloon's target when the guest's driver comes up, in MiB (default 0).
+    pub balloon_target_mib: Option<u64>,
     /// Make KVM drop its nested tables after give-backs emptied this many 2 MiB blocks
     /// (0: never; default [`DEFAULT_ZAP_KVM_TABLES_AFTER`]).
     pub zap_kvm_tables_after: Option<u64>,
@@ -145,8 +160,17 @@ impl ConfigFile {
         Self::parse(path, &text)
     }
 
-    /// Parses config file text; `path` only names the file in errors.
+    /// Parses config file text, ebb's format or Firecracker's (docs/API.md); `path` only names
+    /// the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        if crate::preboot::is_firecracker_config(text) {
+            return crate::preboot::firecracker_config(text).map_err(|why| {
+                ConfigError::FirecrackerFile {
+                    path: path.to_owned(),
+                    why,
+                }
+            });
+        }
         serde_json::from_str(text).map_err(|source| ConfigError::FileMalformed {
             path: path.to_owned(),
             source,
@@ -179,6 +203,7 @@ impl ConfigFile {
                 .balloon_partial_release_ms
                 .or(self.balloon_partial_release_ms),
             balloon_reporting: over.balloon_reporting.or(self.balloon_reporting),
+            balloon_target_mib: over.balloon_target_mib.or(self.balloon_target_mib),
         }
     }
 }
@@ -217,6 +242,8 @@ pub struct BalloonSettings {
     /// Milliseconds without inflation after which the pages of 2 MiB blocks the balloon holds
     /// only in part are released (blocks it holds whole go at once); 0: every page at once.
     pub partial_release_ms: u64,
+    /// The target when the guest's driver comes up, in MiB.
+    pub target_mib: u64,
 }
 
 impl BalloonSettings {
@@ -234,6 +261,7 @@ impl BalloonSettings {
                     "balloon-partial-release-ms",
                     file.balloon_partial_release_ms.is_some(),
                 ),
+                ("balloon-target-mib", file.balloon_target_mib.is_some()),
             ];
             return match given.iter().find(|(_, set)| *set) {
                 Some((name, _)) => Err(ConfigError::BalloonOptionWithoutBalloon(name)),
@@ -257,6 +285,7 @@ impl BalloonSettings {
             stats_polling_interval_s: interval,
             reporting: file.balloon_reporting.unwrap_or(false),
             partial_release_ms: partial,
+            target_mib: file.balloon_target_mib.unwrap_or(0),
         }))
     }
 }
@@ -321,6 +350,11 @@ impl VmConfig {
         let memory_mib = file.memory_mib.unwrap_or(256);
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
             return Err(ConfigError::BadMemory(memory_mib));
+        }
+        if let Some(b) = &balloon
+            && b.target_mib > memory_mib
+        {
+            return Err(ConfigError::BadBalloonTarget(b.target_mib, memory_mib));
         }
         let cmdline = file.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
         if cmdline.contains('\0') {
@@ -487,6 +521,7 @@ mod tests {
                 stats_polling_interval_s: 5,
                 reporting: true,
                 partial_release_ms: DEFAULT_BALLOON_PARTIAL_RELEASE_MS,
+                target_mib: 0,
             }
         );
         let orphan = ConfigFile {

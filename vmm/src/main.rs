@@ -63,12 +63,29 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let config = match cli.into_config() {
-        Ok(c) => c,
+    let file = match cli.into_file() {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("ebb: {}", error_line(&e));
             return ExitCode::from(1);
         }
+    };
+    // No kernel but an API socket: wait for the configuration over the API (Firecracker's way).
+    let (config, api) = match (&file.kernel, file.api_sock.clone()) {
+        (None, Some(path)) => match ebb::preboot::configure(file, &path) {
+            Ok((c, sock)) => (c, Some(sock)),
+            Err(e) => {
+                eprintln!("ebb: {}", error_line(&e));
+                return ExitCode::from(1);
+            }
+        },
+        _ => match ebb::config::VmConfig::validate(file) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                eprintln!("ebb: {}", error_line(&e));
+                return ExitCode::from(1);
+            }
+        },
     };
     if config.balloon.is_some() {
         if let Err(e) = balloon::Balloon::check_ram(config.memory_bytes()) {
@@ -81,7 +98,7 @@ fn main() -> ExitCode {
     }
     let balloon_settings = config.balloon;
     let tty = ebb::terminal::RawGuard::new();
-    let result = vmm::run(config, |memory| plugins(memory, balloon_settings));
+    let result = vmm::run(config, |memory| plugins(memory, balloon_settings), api);
     drop(tty);
     match result {
         Ok(outcome) => {

@@ -10,7 +10,7 @@ use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, VirtioMmioSlot};
-use crate::api::{ApiHandler, ApiResponse, ApiServer};
+use crate::api::{ApiHandler, ApiListener, ApiResponse, ApiServer};
 use crate::boot;
 use crate::config::{QueueNotify, VmConfig};
 use crate::control::{ExitReason, VmControl};
@@ -139,6 +139,21 @@ impl ApiHandler for StatusHandler {
                 }))
             }
             ("GET", "/memory") => self.memory(),
+            ("GET", "/vm/config") => {
+                ApiResponse::ok(crate::preboot::firecracker_view(&self.config))
+            }
+            // Firecracker's configuration: readable, no longer changeable.
+            ("GET", "/machine-config") => ApiResponse::json(&crate::preboot::MachineConfig {
+                vcpu_count: self.config.vcpus,
+                mem_size_mib: self.config.memory_mib,
+                smt: false,
+                track_dirty_pages: false,
+                huge_pages: crate::preboot::HugePages::None,
+            }),
+            ("PUT", "/boot-source" | "/machine-config") | ("PATCH", "/machine-config") => {
+                ApiResponse::fault(crate::api::NOT_AFTER_START)
+            }
+            ("PUT", "/actions") => actions(body),
             _ => match &mut self.extra {
                 Some(extra) => extra.handle(method, path, body),
                 None => ApiResponse::unknown(method, path),
@@ -147,11 +162,38 @@ impl ApiHandler for StatusHandler {
     }
 }
 
+/// `PUT /actions` once the VM runs (Firecracker's rules).
+fn actions(body: &[u8]) -> ApiResponse {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Action {
+        action_type: String,
+    }
+    let a: Action = match crate::api::parse_body(body) {
+        Ok(a) => a,
+        Err(refusal) => return refusal,
+    };
+    match a.action_type.as_str() {
+        "InstanceStart" => ApiResponse::fault(crate::api::NOT_AFTER_START),
+        // ebb writes no metrics file, so there is nothing to flush (Firecracker answers the
+        // same when none was configured).
+        "FlushMetrics" => ApiResponse::no_content(),
+        "SendCtrlAltDel" => {
+            ApiResponse::fault("ebb's keyboard controller cannot send Ctrl+Alt+Del to the guest.")
+        }
+        other => ApiResponse::fault(&format!(
+            "An error occurred when deserializing the json body of a request: unknown variant `{other}`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`."
+        )),
+    }
+}
+
 /// Builds and runs the VM described by `config`; `plug` adds devices and API endpoints once
-/// guest memory exists.
+/// guest memory exists. `api` is the API socket when it is already bound (configured over
+/// the API before start); otherwise `config.api_sock` is bound, if set.
 pub fn run(
     config: VmConfig,
     plug: impl FnOnce(&Arc<VmMemory>) -> Plugins,
+    api: Option<ApiListener>,
 ) -> Result<RunOutcome, VmmError> {
     let started = Instant::now();
     let control = Arc::new(VmControl::new().map_err(io("stop eventfd"))?);
@@ -267,7 +309,12 @@ pub fn run(
     // Zaps wait for the transports' locks: no queue chain is being handled on any thread then.
     let chains = transports.clone();
     manager.add_subscriber(Box::new(VirtioQueueEvents::new(transports)));
-    if let Some(path) = &config.api_sock {
+    let api = match (api, &config.api_sock) {
+        (Some(sock), _) => Some(sock),
+        (None, Some(path)) => Some(ApiListener::bind(path)?),
+        (None, None) => None,
+    };
+    if let Some(sock) = api {
         let handler = StatusHandler {
             config: config.clone(),
             memory: memory.clone(),
@@ -275,7 +322,7 @@ pub fn run(
             control: control.clone(),
             extra: extra_api,
         };
-        manager.add_subscriber(Box::new(ApiServer::bind(path, Box::new(handler))?));
+        manager.add_subscriber(Box::new(ApiServer::serve(sock, Box::new(handler))));
     }
 
     let mut handles = Vec::new();

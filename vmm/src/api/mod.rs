@@ -137,18 +137,18 @@ pub trait ApiHandler: Send {
     }
 }
 
-/// The listening socket and its open connections.
-pub struct ApiServer {
+/// The bound API socket; dropping it removes the socket file. It outlives one server: the
+/// configuration before start hands it to the running VM's server, so a client never finds the
+/// socket missing in between.
+pub struct ApiListener {
     path: PathBuf,
     listener: UnixListener,
-    conns: HashMap<i32, (UnixStream, Vec<u8>, std::time::Instant)>,
-    handler: Box<dyn ApiHandler>,
 }
 
-impl ApiServer {
+impl ApiListener {
     /// Binds `path` (an existing socket file there is replaced) with mode 0600: only the
     /// user ebb runs as may drive it.
-    pub fn bind(path: &Path, handler: Box<dyn ApiHandler>) -> Result<Self, ApiError> {
+    pub fn bind(path: &Path) -> Result<Self, ApiError> {
         if std::fs::symlink_metadata(path)
             .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
             .unwrap_or(false)
@@ -161,12 +161,44 @@ impl ApiServer {
         listener
             .set_nonblocking(true)
             .map_err(|e| ApiError::Bind(path.to_owned(), e))?;
-        Ok(ApiServer {
+        Ok(ApiListener {
             path: path.to_owned(),
             listener,
+        })
+    }
+}
+
+impl Drop for ApiListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The listening socket and its open connections.
+pub struct ApiServer {
+    sock: ApiListener,
+    conns: HashMap<i32, (UnixStream, Vec<u8>, std::time::Instant)>,
+    handler: Box<dyn ApiHandler>,
+}
+
+impl ApiServer {
+    /// Binds `path` (see [`ApiListener::bind`]) and serves it with `handler`.
+    pub fn bind(path: &Path, handler: Box<dyn ApiHandler>) -> Result<Self, ApiError> {
+        Ok(Self::serve(ApiListener::bind(path)?, handler))
+    }
+
+    /// Serves an already bound socket with `handler`.
+    pub fn serve(sock: ApiListener, handler: Box<dyn ApiHandler>) -> Self {
+        ApiServer {
+            sock,
             conns: HashMap::new(),
             handler,
-        })
+        }
+    }
+
+    /// Stops serving: open connections are closed, the socket stays bound.
+    pub fn into_listener(self) -> ApiListener {
+        self.sock
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
@@ -182,7 +214,7 @@ impl ApiServer {
                 let _ = ops.remove(Events::new(&stream, EventSet::IN));
             }
         }
-        while let Ok((stream, _)) = self.listener.accept() {
+        while let Ok((stream, _)) = self.sock.listener.accept() {
             if self.conns.len() >= MAX_CONNECTIONS {
                 reply(
                     &stream,
@@ -201,7 +233,7 @@ impl ApiServer {
         }
     }
 
-    fn serve(&mut self, fd: i32, ops: &mut EventOps) {
+    fn serve_conn(&mut self, fd: i32, ops: &mut EventOps) {
         let Some((stream, buf, _)) = self.conns.get_mut(&fd) else {
             return;
         };
@@ -251,23 +283,17 @@ fn reply(stream: &UnixStream, answer: &ApiResponse) {
     let _ = s.write_all(&render(answer.status, answer.body.as_ref()));
 }
 
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 impl MutEventSubscriber for ApiServer {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.listener.as_raw_fd() {
+        if events.fd() == self.sock.listener.as_raw_fd() {
             self.accept(ops);
         } else {
-            self.serve(events.fd(), ops);
+            self.serve_conn(events.fd(), ops);
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.sock.listener, EventSet::IN)) {
             log::error!("cannot watch the API socket: {e:?}");
         }
     }

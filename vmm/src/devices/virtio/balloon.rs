@@ -173,7 +173,9 @@ pub fn build(
         reporting: settings.reporting,
     };
     let backend = Arc::new(MemoryRelease(memory.clone()));
-    let balloon = Balloon::new(config, memory.size() as u64, backend)?;
+    let mut balloon = Balloon::new(config, memory.size() as u64, backend)?;
+    // The driver reads it when it comes up.
+    balloon.set_target_pages(settings.target_mib.saturating_mul(PAGES_PER_MIB))?;
     let shared = Arc::new(Mutex::new(balloon));
     let interval = Arc::new(AtomicU32::new(settings.stats_polling_interval_s));
     Ok(BalloonParts {

@@ -155,6 +155,7 @@ const SETTINGS: BalloonSettings = BalloonSettings {
     reporting: true,
     // Every page at once, so each chain's release can be counted.
     partial_release_ms: 0,
+    target_mib: 0,
 };
 
 #[test]
