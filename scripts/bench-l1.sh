@@ -89,7 +89,7 @@ vmm_start() {
 # Sets the balloon's target to $1 MiB.
 balloon_set() {
     case "$V" in
-        ebb) "$CTL" --api-sock "$S" PATCH /balloon "{\"amount_mib\":$1}" >/dev/null ;;
+        ebb) "$CTL" --api-sock "$S" balloon set "${1}MiB" >/dev/null ;;
         qemu)
             ebb-guest qmp --socket "$Q" -- \
                 "{\"execute\":\"balloon\",\"arguments\":{\"value\":$(((MEM_MIB - $1) << 20))}}" >/dev/null

@@ -104,16 +104,10 @@ api_get() { "$CTL" --api-sock "$S" GET "$1"; }
 # balloon's first, since its keys are sorted; `num` reads the first match.)
 balloon_actual() { api_get /memory | num actual_mib; }
 
-# Sets the balloon's target to $1 MiB and waits up to $2 seconds for the driver to reach it.
+# Sets the balloon's target to $1 MiB and waits up to $2 seconds for the driver to reach it
+# (ebb-ctl follows it, and fails at once if ebb has gone).
 set_target() {
-    "$CTL" --api-sock "$S" PATCH /balloon "{\"amount_mib\":$1}" >/dev/null || return 1
-    _i=0
-    until [ "$(balloon_actual)" = "$1" ]; do
-        _i=$((_i + 1))
-        [ $_i -gt $(($2 * 2)) ] && return 1
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.5
-    done
+    "$CTL" --api-sock "$S" balloon set "${1}MiB" --wait --timeout-s "$2" >/dev/null
 }
 
 # Reads ebb's memory figures into vm, b (the /vm and /memory answers), res, l4, l2, tb and mb

@@ -403,3 +403,7 @@ fn stop_vcpus(handles: Vec<JoinHandle<VcpuStats>>) -> Vec<VcpuStats> {
     }
     stats
 }
+
+#[cfg(test)]
+#[path = "openapi_tests.rs"]
+mod openapi_tests;

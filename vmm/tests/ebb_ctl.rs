@@ -87,6 +87,30 @@ fn ebb_ctl_drives_the_balloon_api() {
     assert_eq!((code, body.trim()), (0, ""));
     assert_eq!(shared.lock().unwrap().target_pages(), 0);
 
+    // The commands for people: a table, or JSON with --json.
+    let (code, body) = ctl(&["--api-sock", s, "balloon", "stats"]);
+    assert_eq!(code, 0, "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("actual_mib") && l.ends_with(" 0")),
+        "{body}"
+    );
+    let (code, body) = ctl(&["--api-sock", s, "balloon", "stats", "--json"]);
+    assert_eq!(code, 0, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["target_mib"], 0);
+    let (code, body) = ctl(&["--api-sock", s, "balloon", "show"]);
+    assert_eq!(code, 0, "{body}");
+    assert!(
+        body.lines().any(|l| l.starts_with("deflate_on_oom")),
+        "{body}"
+    );
+    let (code, _) = ctl(&["--api-sock", s, "balloon", "set", "128MiB", "--wait"]);
+    assert_eq!(code, 1, "no driver: refused");
+    let (code, _) = ctl(&["--api-sock", s, "balloon", "set", "lots"]);
+    assert_eq!(code, 1, "not a size");
+    assert_eq!(shared.lock().unwrap().target_pages(), 0);
+
     let (code, _) = ctl(&["--api-sock", "/nonexistent/ebb.sock", "GET", "/balloon"]);
     assert_eq!(code, 2, "cannot connect");
     let (code, _) = ctl(&["GET", "/balloon"]);
