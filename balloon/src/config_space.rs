@@ -1,6 +1,7 @@
 //! The balloon's configuration space: `num_pages` (device writes) and `actual` (driver
-//! writes), both le32 in 4 KiB pages. The fields behind them (`free_page_hint_cmd_id`,
-//! `poison_val`) belong to features ebb does not offer and read as zero.
+//! writes), both le32 in 4 KiB pages, then `free_page_hint_cmd_id` (device writes; zero unless
+//! free page hinting runs). `poison_val` belongs to a feature ebb does not offer and reads as
+//! zero.
 
 /// Bytes of configuration space the device answers for; reads beyond it give zeros.
 pub const CONFIG_SPACE_SIZE: u64 = 16;
@@ -13,6 +14,8 @@ pub struct ConfigSpace {
     pub num_pages: u32,
     /// Pages the driver says it holds.
     pub actual: u32,
+    /// The free page hinting command id the host published.
+    pub free_page_hint_cmd_id: u32,
 }
 
 impl ConfigSpace {
@@ -20,6 +23,7 @@ impl ConfigSpace {
         let mut b = [0u8; CONFIG_SPACE_SIZE as usize];
         b[..4].copy_from_slice(&self.num_pages.to_le_bytes());
         b[4..8].copy_from_slice(&self.actual.to_le_bytes());
+        b[8..12].copy_from_slice(&self.free_page_hint_cmd_id.to_le_bytes());
         b
     }
 
@@ -61,13 +65,14 @@ mod tests {
         let c = ConfigSpace {
             num_pages: 0x0102_0304,
             actual: 0x0a0b_0c0d,
+            free_page_hint_cmd_id: 7,
         };
         let mut b = [0xffu8; 8];
         c.read(0, &mut b);
         assert_eq!(b, [4, 3, 2, 1, 0xd, 0xc, 0xb, 0xa]);
         let mut b = [0xffu8; 4];
         c.read(6, &mut b);
-        assert_eq!(b, [0xb, 0xa, 0, 0]);
+        assert_eq!(b, [0xb, 0xa, 7, 0], "actual, then the hint command id");
         c.read(u64::MAX - 1, &mut b);
         assert_eq!(b, [0; 4]);
         c.read(CONFIG_SPACE_SIZE, &mut b);
@@ -79,6 +84,7 @@ mod tests {
         let mut c = ConfigSpace {
             num_pages: 7,
             actual: 0,
+            free_page_hint_cmd_id: 2,
         };
         assert_eq!(c.write(0, &[9, 9, 9, 9]), 4);
         assert_eq!(c.num_pages, 7);
@@ -88,5 +94,14 @@ mod tests {
         assert_eq!(c.actual, 0x0001_0064);
         assert_eq!(c.write(u64::MAX, &[1, 2]), 2);
         assert_eq!(c.actual, 0x0001_0064);
+        assert_eq!(
+            c.write(8, &[0, 0, 0, 0]),
+            4,
+            "the command id is the device's"
+        );
+        assert_eq!(c.free_page_hint_cmd_id, 2);
+        let mut b = [0u8; 4];
+        c.read(8, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2);
     }
 }

@@ -10,10 +10,11 @@ use vm_memory::GuestMemoryMmap;
 use crate::config_space::ConfigSpace;
 use crate::frames::{FrameSet, PageRange, coalesce};
 use crate::guest_stats::GuestStats;
-use crate::queues::{merge_ranges, read_frames, read_reported, read_stats};
+use crate::queues::{Hint, merge_ranges, read_frames, read_hint, read_reported, read_stats};
 use crate::stats::BalloonStats;
 use crate::{
-    F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ, PAGE_SIZE, QUEUE_SIZE, ReleaseBackend, ReleaseError,
+    CMD_ID_DONE, CMD_ID_STOP, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_REPORTING, F_STATS_VQ,
+    PAGE_SIZE, QUEUE_SIZE, ReleaseBackend, ReleaseError,
 };
 
 /// Most chains taken from one queue per notification, so a driver that refills a queue as
@@ -29,6 +30,10 @@ pub struct BalloonConfig {
     pub deflate_on_oom: bool,
     /// Offer free page reporting (`VIRTIO_BALLOON_F_REPORTING`).
     pub reporting: bool,
+    /// Offer free page hinting (`VIRTIO_BALLOON_F_FREE_PAGE_HINT`). Race-free only when every
+    /// queue notification is handled before the notifying vCPU goes on (see
+    /// [`Balloon::start_hinting`]).
+    pub hinting: bool,
 }
 
 impl Default for BalloonConfig {
@@ -37,6 +42,7 @@ impl Default for BalloonConfig {
             stats: true,
             deflate_on_oom: false,
             reporting: false,
+            hinting: false,
         }
     }
 }
@@ -65,6 +71,13 @@ pub enum BalloonError {
         /// Queues the driver made ready.
         got: usize,
     },
+    /// Free page hinting was asked for, but the driver has not negotiated it (or it is not
+    /// offered).
+    #[error("free page hinting is not enabled")]
+    HintingOff,
+    /// A request needs the driver up.
+    #[error("the device is not activated yet")]
+    NotActive,
     /// A queue the device needs is not ready or lies outside guest memory.
     #[error("queue {0} is not ready or not inside guest memory")]
     QueueInvalid(usize),
@@ -94,6 +107,8 @@ pub enum QueueRole {
     Deflate,
     /// The guest's statistics buffer.
     Stats,
+    /// Free blocks the guest hints (free page hinting).
+    Hinting,
     /// Free blocks the guest reports.
     Reporting,
 }
@@ -105,7 +120,9 @@ pub fn queue_roles(features: u64) -> Vec<QueueRole> {
     if features & (1 << F_STATS_VQ) != 0 {
         roles.push(QueueRole::Stats);
     }
-    // FREE_PAGE_HINT is never offered, so no hinting queue sits before reporting.
+    if features & (1 << F_FREE_PAGE_HINT) != 0 {
+        roles.push(QueueRole::Hinting);
+    }
     if features & (1 << F_REPORTING) != 0 {
         roles.push(QueueRole::Reporting);
     }
@@ -131,6 +148,20 @@ pub struct Balloon {
     stats: BalloonStats,
     guest_stats: Option<GuestStats>,
     active: Option<Active>,
+    hint: HintState,
+}
+
+/// Free page hinting, the host's side of a run.
+#[derive(Debug, Default, Clone, Copy)]
+struct HintState {
+    /// The command id published: a run's id (2 and up), or STOP / DONE.
+    host_cmd: u32,
+    /// The last run id used (ids go up, wrapping past 2).
+    last_run: u32,
+    /// The command id the guest last sent.
+    guest_cmd: Option<u32>,
+    /// Answer the guest's STOP with DONE (it then takes its hinted pages back).
+    ack_on_stop: bool,
 }
 
 impl Balloon {
@@ -161,6 +192,7 @@ impl Balloon {
             stats: BalloonStats::default(),
             guest_stats: None,
             active: None,
+            hint: HintState::default(),
         })
     }
 
@@ -185,6 +217,9 @@ impl Balloon {
         }
         if self.config.reporting {
             f |= 1 << F_REPORTING;
+        }
+        if self.config.hinting {
+            f |= 1 << F_FREE_PAGE_HINT;
         }
         f
     }
@@ -262,6 +297,8 @@ impl Balloon {
         self.active = None;
         self.acked = 0;
         self.space.actual = 0;
+        self.space.free_page_hint_cmd_id = CMD_ID_STOP;
+        self.hint = HintState::default();
         // A reset driver holds nothing: the memory layer may fill those pages freely again.
         let mut all = self.frames.take_all();
         tell_deflated(self.backend.as_ref(), &mut self.stats, &mut all);
@@ -289,6 +326,8 @@ impl Balloon {
             backend,
             guest_stats,
             ram_bytes,
+            hint,
+            space,
             ..
         } = self;
         let Some(active) = active.as_mut() else {
@@ -314,6 +353,36 @@ impl Balloon {
                     }
                     true
                 });
+            }
+            QueueRole::Hinting => {
+                let mut stopped = false;
+                drain(active, index, ctx, |chain, mem, ctx| {
+                    match read_hint(chain, mem, ctx.ram_bytes, ctx.stats) {
+                        Hint::Cmd(cmd) => {
+                            hint.guest_cmd = Some(cmd);
+                            stopped = cmd == CMD_ID_STOP;
+                        }
+                        // Only blocks of the run the host published are released: a block
+                        // of an older run, or one sent after DONE, may be back in the guest's
+                        // use already.
+                        Hint::Blocks(blocks)
+                            if hint.host_cmd > CMD_ID_DONE
+                                && hint.guest_cmd == Some(hint.host_cmd) =>
+                        {
+                            ctx.hint(blocks);
+                        }
+                        Hint::Blocks(blocks) => ctx.stats.hints_ignored += blocks.len() as u64,
+                        Hint::Bad => ctx.stats.chains_dropped += 1,
+                    }
+                    true
+                });
+                if stopped && hint.ack_on_stop && hint.host_cmd > CMD_ID_DONE {
+                    hint.host_cmd = CMD_ID_DONE;
+                    space.free_page_hint_cmd_id = CMD_ID_DONE;
+                    if active.notifier.notify(NotifyKind::Config).is_err() {
+                        stats.interrupt_errors += 1;
+                    }
+                }
             }
             QueueRole::Reporting => {
                 drain(active, index, ctx, |chain, _, ctx| {
@@ -372,6 +441,63 @@ impl Balloon {
         self.stats.stats_requests += 1;
         give_back(active, index, &[head], &mut self.stats);
         true
+    }
+
+    /// Starts a free page hinting run: publishes a new command id (2 and up) and tells the
+    /// driver, which then hands over free 4 MiB blocks until it runs out or the id changes, and
+    /// sends STOP. Each block is released as it arrives. Returns the run's id.
+    ///
+    /// The guest may take hinted blocks back to its allocator at any moment (its shrinker), so
+    /// a block must be released before the guest can reuse it. The driver adds a block to the
+    /// list its shrinker takes from only after its queue notification returns; the caller
+    /// therefore must handle every notification of this queue before the notifying vCPU goes
+    /// on (ebb's `--queue-notify vcpu`). Blocks that arrive for any other run than the current
+    /// one are ignored, never released. With `acknowledge_on_stop`, the guest's STOP is
+    /// answered with DONE, and the guest takes its blocks back.
+    pub fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<u32, BalloonError> {
+        let Some(active) = &self.active else {
+            return Err(BalloonError::NotActive);
+        };
+        if self.acked & (1 << F_FREE_PAGE_HINT) == 0 {
+            return Err(BalloonError::HintingOff);
+        }
+        let mut id = self.hint.last_run.wrapping_add(1);
+        if id <= CMD_ID_DONE {
+            id = CMD_ID_DONE + 1;
+        }
+        self.hint.last_run = id;
+        self.hint.host_cmd = id;
+        self.hint.ack_on_stop = acknowledge_on_stop;
+        self.space.free_page_hint_cmd_id = id;
+        self.stats.hint_runs += 1;
+        if active.notifier.notify(NotifyKind::Config).is_err() {
+            self.stats.interrupt_errors += 1;
+        }
+        Ok(id)
+    }
+
+    /// Ends hinting: publishes DONE, and the guest takes its hinted blocks back.
+    pub fn stop_hinting(&mut self) -> Result<(), BalloonError> {
+        let Some(active) = &self.active else {
+            return Err(BalloonError::NotActive);
+        };
+        if self.acked & (1 << F_FREE_PAGE_HINT) == 0 {
+            return Err(BalloonError::HintingOff);
+        }
+        self.hint.host_cmd = CMD_ID_DONE;
+        self.space.free_page_hint_cmd_id = CMD_ID_DONE;
+        if active.notifier.notify(NotifyKind::Config).is_err() {
+            self.stats.interrupt_errors += 1;
+        }
+        Ok(())
+    }
+
+    /// The command id the host published and the one the guest last sent.
+    pub fn hinting_status(&self) -> Result<(u32, Option<u32>), BalloonError> {
+        if self.device_features() & (1 << F_FREE_PAGE_HINT) == 0 {
+            return Err(BalloonError::HintingOff);
+        }
+        Ok((self.hint.host_cmd, self.hint.guest_cmd))
     }
 
     /// Sets the target size of the balloon and tells the driver.
@@ -475,6 +601,16 @@ impl Ctx<'_> {
             }
         }
         tell_deflated(self.backend, self.stats, &mut back);
+    }
+
+    fn hint(&mut self, blocks: Vec<PageRange>) {
+        self.stats.hint_blocks += blocks.len() as u64;
+        let merged = merge_ranges(blocks);
+        self.stats.bytes_hinted += merged.iter().map(PageRange::len).sum::<u64>();
+        // Hinted blocks are free in the guest like reported ones: released, not held.
+        if let Some(n) = self.release(&merged, Release::Report) {
+            self.stats.bytes_released += n;
+        }
     }
 
     fn report(&mut self, ranges: Vec<PageRange>) {

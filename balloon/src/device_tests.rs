@@ -150,6 +150,7 @@ fn all_features() -> BalloonConfig {
         stats: true,
         deflate_on_oom: true,
         reporting: true,
+        hinting: false,
     }
 }
 
@@ -400,7 +401,17 @@ fn queue_indices_follow_negotiated_features() {
     );
     let both = (1 << F_STATS_VQ) | (1 << F_REPORTING) | (1 << F_DEFLATE_ON_OOM);
     assert_eq!(queue_roles(both), vec![Inflate, Deflate, Stats, Reporting]);
-    // Hinting is never offered, so acknowledging it changes nothing.
+    // Hinting sits between statistics and reporting when negotiated.
+    let hint = (1 << F_STATS_VQ) | (1 << F_FREE_PAGE_HINT) | (1 << F_REPORTING);
+    assert_eq!(
+        queue_roles(hint),
+        vec![Inflate, Deflate, Stats, Hinting, Reporting]
+    );
+    assert_eq!(
+        queue_roles(1 << F_FREE_PAGE_HINT),
+        vec![Inflate, Deflate, Hinting]
+    );
+    // Not offered here, so acknowledging it changes nothing.
     let mut b = Balloon::new(all_features(), RAM, Arc::new(Recorder::default())).unwrap();
     assert_eq!(b.device_features(), both);
     assert_eq!(b.queue_sizes(), vec![QUEUE_SIZE; 4]);
@@ -636,4 +647,117 @@ mod props {
             prop_assert_eq!(r.queues[2].used().len(), descs.len().div_ceil(32));
         }
     }
+}
+
+/// Writes a le32 command id at `at`.
+fn put_cmd(mem: &GuestMemoryMmap, at: u64, cmd: u32) {
+    mem.write_slice(&cmd.to_le_bytes(), GuestAddress(at))
+        .unwrap();
+}
+
+#[test]
+fn free_page_hinting_releases_only_the_current_runs_blocks() {
+    let mem = mem();
+    let config = BalloonConfig {
+        stats: false,
+        hinting: true,
+        ..BalloonConfig::default()
+    };
+    let mut r = rig(&mem, config, 1 << F_FREE_PAGE_HINT, false);
+    assert_eq!(r.balloon.queue_role(2), Some(QueueRole::Hinting));
+    let cmd_id = |b: &Balloon| {
+        let mut c = [0u8; 4];
+        b.read_config(8, &mut c);
+        u32::from_le_bytes(c)
+    };
+    assert_eq!(r.balloon.hinting_status().unwrap(), (CMD_ID_STOP, None));
+
+    // A block before any run is ignored.
+    r.queues[2].add(&[(0x40_0000, 0x40_0000, WRITE)]);
+    r.balloon.queue_notify(2);
+    assert_eq!(r.balloon.stats().hints_ignored, 1);
+    assert!(r.backend.calls.lock().unwrap().is_empty());
+
+    // Run 2: the id is published with a config interrupt.
+    let id = r.balloon.start_hinting(true).unwrap();
+    assert_eq!((id, cmd_id(&r.balloon)), (2, 2));
+    assert_eq!(r.irqs.0.lock().unwrap().last(), Some(&NotifyKind::Config));
+    // The guest starts the run, then hints two 4 MiB blocks, each in its own chain.
+    put_cmd(&mem, BUF, 2);
+    r.queues[2].add(&[(BUF, 4, 0)]);
+    r.queues[2].add(&[(0x40_0000, 0x40_0000, WRITE)]);
+    r.queues[2].add(&[(0x80_0000 + 0x40_0000, 0x40_0000, WRITE)]);
+    r.balloon.queue_notify(2);
+    assert_eq!(r.balloon.hinting_status().unwrap(), (2, Some(2)));
+    assert_eq!(
+        *r.backend.calls.lock().unwrap(),
+        vec![(0x40_0000, 0x40_0000), (0xc0_0000, 0x40_0000)]
+    );
+    let st = r.balloon.stats();
+    assert_eq!((st.hint_blocks, st.bytes_hinted), (2, 8 << 20));
+    // Hostile blocks (outside RAM, unaligned) and a command of the wrong size are dropped.
+    r.queues[2].add(&[(RAM - 4096, 8192, WRITE)]);
+    r.queues[2].add(&[(0x1001, 4096, WRITE)]);
+    r.queues[2].add(&[(BUF, 8, 0)]);
+    r.queues[2].add(&[(BUF, 4, 0), (0x40_0000, 4096, WRITE)]);
+    r.balloon.queue_notify(2);
+    let st = r.balloon.stats();
+    assert_eq!(st.bad_ranges, 2);
+    assert_eq!(st.chains_dropped, 2);
+    assert_eq!(r.backend.calls.lock().unwrap().len(), 2);
+    // STOP from the guest is answered with DONE (acknowledge_on_stop).
+    put_cmd(&mem, BUF, CMD_ID_STOP);
+    r.queues[2].add(&[(BUF, 4, 0)]);
+    r.balloon.queue_notify(2);
+    assert_eq!(r.balloon.hinting_status().unwrap(), (CMD_ID_DONE, Some(0)));
+    assert_eq!(cmd_id(&r.balloon), CMD_ID_DONE);
+    // A late block of run 2, after DONE, is never released: the guest may use it again.
+    r.queues[2].add(&[(0x100_0000 - 0x40_0000, 0x40_0000, WRITE)]);
+    r.balloon.queue_notify(2);
+    assert_eq!(r.balloon.stats().hints_ignored, 2);
+    assert_eq!(r.backend.calls.lock().unwrap().len(), 2);
+    // Every chain went back to the driver.
+    assert_eq!(r.queues[2].used().len(), 10);
+
+    // Run 3 without acknowledgement: STOP leaves the id; stop_hinting publishes DONE.
+    assert_eq!(r.balloon.start_hinting(false).unwrap(), 3);
+    put_cmd(&mem, BUF, 2);
+    r.queues[2].add(&[(BUF, 4, 0)]);
+    r.queues[2].add(&[(0x40_0000, 0x40_0000, WRITE)]);
+    r.balloon.queue_notify(2);
+    assert_eq!(
+        r.balloon.stats().hints_ignored,
+        3,
+        "a block of an older run is ignored"
+    );
+    put_cmd(&mem, BUF, CMD_ID_STOP);
+    r.queues[2].add(&[(BUF, 4, 0)]);
+    r.balloon.queue_notify(2);
+    assert_eq!(r.balloon.hinting_status().unwrap(), (3, Some(0)));
+    r.balloon.stop_hinting().unwrap();
+    assert_eq!(cmd_id(&r.balloon), CMD_ID_DONE);
+    assert_eq!(r.balloon.stats().hint_runs, 2);
+
+    // A reset forgets the run.
+    r.balloon.reset();
+    assert_eq!(cmd_id(&r.balloon), CMD_ID_STOP);
+    assert!(matches!(
+        r.balloon.start_hinting(true),
+        Err(BalloonError::NotActive)
+    ));
+}
+
+#[test]
+fn hinting_needs_the_feature() {
+    let mem = mem();
+    let mut r = rig(&mem, all_features(), 1 << F_REPORTING, false);
+    assert!(matches!(
+        r.balloon.start_hinting(true),
+        Err(BalloonError::HintingOff)
+    ));
+    assert!(matches!(
+        r.balloon.stop_hinting(),
+        Err(BalloonError::HintingOff)
+    ));
+    assert!(r.balloon.hinting_status().is_err());
 }

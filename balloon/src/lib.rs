@@ -55,6 +55,11 @@ pub const F_STATS_VQ: u32 = 1;
 pub const F_DEFLATE_ON_OOM: u32 = 2;
 /// Feature bit: free page hinting (never offered; its queue would sit before reporting).
 pub const F_FREE_PAGE_HINT: u32 = 3;
+/// Free page hinting command id that ends a run without a new one (the guest keeps its hinted
+/// pages).
+pub const CMD_ID_STOP: u32 = 0;
+/// Free page hinting command id that tells the guest to take its hinted pages back.
+pub const CMD_ID_DONE: u32 = 1;
 /// Feature bit: page poisoning value in config space (not offered).
 pub const F_PAGE_POISON: u32 = 4;
 /// Feature bit: free page reporting queue exists.

@@ -72,18 +72,53 @@ pub(crate) fn read_frames(
     Some(frames)
 }
 
-/// The free blocks of a reporting chain: each descriptor's address and length, in either
-/// direction (Linux adds them as device-writable buffers; the data is never read or written).
-/// Blocks that are empty, not 4 KiB aligned or not inside `ram_bytes` are counted in
-/// `bad_ranges` and left out.
-pub(crate) fn read_reported(
+/// What a free page hinting chain carries.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Hint {
+    /// A command id (one device-readable buffer of 4 bytes): the start of a run, or STOP.
+    Cmd(u32),
+    /// Free blocks (device-writable buffers), checked like reported blocks.
+    Blocks(Vec<PageRange>),
+    /// Neither: mixed directions, a command of another size, a buffer that cannot be read.
+    Bad,
+}
+
+/// Reads a free page hinting chain.
+pub(crate) fn read_hint(
     chain: Chain<'_>,
+    mem: &GuestMemoryMmap,
+    ram_bytes: u64,
+    stats: &mut BalloonStats,
+) -> Hint {
+    let descs: Vec<_> = chain.collect();
+    if descs.iter().all(|d| d.is_write_only()) && !descs.is_empty() {
+        return Hint::Blocks(ranges_of(
+            descs.iter().map(|d| (d.addr().0, u64::from(d.len()))),
+            ram_bytes,
+            stats,
+        ));
+    }
+    match descs.as_slice() {
+        [d] if !d.is_write_only() && d.len() == 4 => {
+            let mut b = [0u8; 4];
+            match mem.read_slice(&mut b, d.addr()) {
+                Ok(()) => Hint::Cmd(u32::from_le_bytes(b)),
+                Err(_) => Hint::Bad,
+            }
+        }
+        _ => Hint::Bad,
+    }
+}
+
+/// Page ranges from (address, length) buffers: blocks that are empty, not 4 KiB aligned or not
+/// inside `ram_bytes` are counted in `bad_ranges` and left out.
+fn ranges_of(
+    bufs: impl Iterator<Item = (u64, u64)>,
     ram_bytes: u64,
     stats: &mut BalloonStats,
 ) -> Vec<PageRange> {
     let mut out = Vec::new();
-    for d in chain {
-        let (gpa, len) = (d.addr().0, u64::from(d.len()));
+    for (gpa, len) in bufs {
         let inside = gpa.checked_add(len).is_some_and(|end| end <= ram_bytes);
         if len == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || !inside {
             stats.bad_ranges += 1;
@@ -95,6 +130,22 @@ pub(crate) fn read_reported(
         });
     }
     out
+}
+
+/// The free blocks of a reporting chain: each descriptor's address and length, in either
+/// direction (Linux adds them as device-writable buffers; the data is never read or written).
+/// Blocks that are empty, not 4 KiB aligned or not inside `ram_bytes` are counted in
+/// `bad_ranges` and left out.
+pub(crate) fn read_reported(
+    chain: Chain<'_>,
+    ram_bytes: u64,
+    stats: &mut BalloonStats,
+) -> Vec<PageRange> {
+    ranges_of(
+        chain.map(|d| (d.addr().0, u64::from(d.len()))),
+        ram_bytes,
+        stats,
+    )
 }
 
 /// Merges reported blocks that touch or overlap into as few ranges as possible.

@@ -55,4 +55,12 @@ pub struct BalloonStats {
     pub notify_ns_total: u64,
     /// Longest single notification, in nanoseconds.
     pub notify_ns_max: u64,
+    /// Free page hinting runs the host started.
+    pub hint_runs: u64,
+    /// Free blocks the guest hinted in a current run and the host released.
+    pub hint_blocks: u64,
+    /// Bytes of those blocks.
+    pub bytes_hinted: u64,
+    /// Hinted blocks ignored: no run was current, or they belonged to an older run.
+    pub hints_ignored: u64,
 }

@@ -82,6 +82,7 @@ fn run(label: &str, thp: Option<bool>, scattered: bool) {
         // No balloon in the config: VmMemory releases every page at once, as this measures.
         partial_release_ms: 0,
         target_mib: 0,
+        hinting: false,
     };
     let parts = ebb::devices::virtio::balloon::build(&memory, &settings).unwrap();
     let mut b = parts.shared.lock().unwrap();

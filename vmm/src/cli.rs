@@ -93,6 +93,9 @@ pub struct Cli {
     /// The balloon's target when the guest's driver comes up, in MiB (default 0).
     #[arg(long = "balloon-target-mib")]
     pub balloon_target_mib: Option<u64>,
+    /// Offer free page hinting (runs started over the API; needs --queue-notify vcpu).
+    #[arg(long = "balloon-hinting")]
+    pub balloon_hinting: bool,
 }
 
 impl Cli {
@@ -131,6 +134,7 @@ impl Cli {
             zap_kvm_tables_after: self.zap_kvm_tables_after,
             balloon_partial_release_ms: self.balloon_partial_release_ms,
             balloon_target_mib: self.balloon_target_mib,
+            balloon_hinting: self.balloon_hinting.then_some(true),
         };
         Ok(file.overlay(flags))
     }

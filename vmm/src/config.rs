@@ -71,6 +71,11 @@ pub enum ConfigError {
         "balloon-stats-s must be 0 to {MAX_BALLOON_STATS_S} and needs the statistics queue, got {0}"
     )]
     BadBalloonStatsInterval(u32),
+    /// Free page hinting with queue notifications handled off the notifying vCPU.
+    #[error(
+        "balloon free page hinting needs --queue-notify vcpu: a hinted block must be released before the vCPU that sent it goes on"
+    )]
+    HintingNeedsInlineNotify,
     /// The balloon's first target is more than guest RAM.
     #[error("balloon-target-mib {0} is more than guest RAM ({1} MiB)")]
     BadBalloonTarget(u64, u64),
@@ -142,6 +147,8 @@ pub struct ConfigFile {
     pub balloon_reporting: Option<bool>,
     /// The balloon's target when the guest's driver comes up, in MiB (default 0).
     pub balloon_target_mib: Option<u64>,
+    /// Offer free page hinting (default false; needs `queue_notify` `vcpu`).
+    pub balloon_hinting: Option<bool>,
     /// Make KVM drop its nested tables after give-backs emptied this many 2 MiB blocks
     /// (0: never; default [`DEFAULT_ZAP_KVM_TABLES_AFTER`]).
     pub zap_kvm_tables_after: Option<u64>,
@@ -204,6 +211,7 @@ impl ConfigFile {
                 .or(self.balloon_partial_release_ms),
             balloon_reporting: over.balloon_reporting.or(self.balloon_reporting),
             balloon_target_mib: over.balloon_target_mib.or(self.balloon_target_mib),
+            balloon_hinting: over.balloon_hinting.or(self.balloon_hinting),
         }
     }
 }
@@ -244,6 +252,8 @@ pub struct BalloonSettings {
     pub partial_release_ms: u64,
     /// The target when the guest's driver comes up, in MiB.
     pub target_mib: u64,
+    /// Offer free page hinting.
+    pub hinting: bool,
 }
 
 impl BalloonSettings {
@@ -262,6 +272,7 @@ impl BalloonSettings {
                     file.balloon_partial_release_ms.is_some(),
                 ),
                 ("balloon-target-mib", file.balloon_target_mib.is_some()),
+                ("balloon-hinting", file.balloon_hinting.is_some()),
             ];
             return match given.iter().find(|(_, set)| *set) {
                 Some((name, _)) => Err(ConfigError::BalloonOptionWithoutBalloon(name)),
@@ -286,6 +297,7 @@ impl BalloonSettings {
             reporting: file.balloon_reporting.unwrap_or(false),
             partial_release_ms: partial,
             target_mib: file.balloon_target_mib.unwrap_or(0),
+            hinting: file.balloon_hinting.unwrap_or(false),
         }))
     }
 }
@@ -356,6 +368,10 @@ impl VmConfig {
         {
             return Err(ConfigError::BadBalloonTarget(b.target_mib, memory_mib));
         }
+        let queue_notify = file.queue_notify.unwrap_or_default();
+        if balloon.is_some_and(|b| b.hinting) && queue_notify != QueueNotify::Vcpu {
+            return Err(ConfigError::HintingNeedsInlineNotify);
+        }
         let cmdline = file.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
         if cmdline.contains('\0') {
             return Err(ConfigError::BadCmdline("it contains a NUL byte"));
@@ -390,7 +406,7 @@ impl VmConfig {
             thp,
             pvh: file.pvh.unwrap_or(false),
             hlt_in_guest: file.hlt_in_guest.unwrap_or(false),
-            queue_notify: file.queue_notify.unwrap_or_default(),
+            queue_notify,
             balloon,
             zap_kvm_tables_after: file
                 .zap_kvm_tables_after
@@ -522,6 +538,7 @@ mod tests {
                 reporting: true,
                 partial_release_ms: DEFAULT_BALLOON_PARTIAL_RELEASE_MS,
                 target_mib: 0,
+                hinting: false,
             }
         );
         let orphan = ConfigFile {

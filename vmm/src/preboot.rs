@@ -4,7 +4,7 @@
 //!
 //! The bodies are Firecracker's (unknown fields refused), and so are the answers and the rules
 //! of what may be asked before start (docs/API.md). What ebb does not have is refused with a
-//! clear message rather than ignored: SMT, dirty page tracking, CPU templates, free page hinting.
+//! clear message rather than ignored: SMT, dirty page tracking, CPU templates, drives.
 //! Everything set here lands in the same [`ConfigFile`] the command line fills, on top of the
 //! flags ebb was started with, and is checked by [`VmConfig::validate`] at `InstanceStart`.
 
@@ -106,7 +106,7 @@ pub struct BalloonDevice {
     /// Seconds between statistics refreshes; 0: no statistics queue (Firecracker's rule).
     #[serde(default)]
     pub stats_polling_interval_s: u16,
-    /// Free page hinting (refused: not offered).
+    /// Offer free page hinting (runs started with `PATCH /balloon/hinting/start`).
     #[serde(default)]
     pub free_page_hinting: bool,
     /// Offer free page reporting.
@@ -209,6 +209,7 @@ impl PreBoot {
             over.balloon_stats_s = Some(u32::from(b.stats_polling_interval_s));
             over.balloon_reporting = Some(b.free_page_reporting);
             over.balloon_target_mib = Some(u64::from(b.amount_mib));
+            over.balloon_hinting = Some(b.free_page_hinting);
         }
         Ok(self.base.clone().overlay(over))
     }
@@ -311,11 +312,6 @@ impl PreBoot {
     }
 
     fn set_balloon(&mut self, b: BalloonDevice) -> ApiResponse {
-        if b.free_page_hinting {
-            return ApiResponse::fault(
-                "Balloon config error: ebb's balloon does not offer free page hinting.",
-            );
-        }
         if u64::from(b.amount_mib) > self.machine.mem_size_mib {
             return ApiResponse::fault(
                 "Balloon config error: Amount of pages requested is too large.",
@@ -398,7 +394,7 @@ pub fn firecracker_view(c: &VmConfig) -> serde_json::Value {
             amount_mib: u32::try_from(b.target_mib).unwrap_or(u32::MAX),
             deflate_on_oom: b.deflate_on_oom,
             stats_polling_interval_s: u16::try_from(b.stats_polling_interval_s).unwrap_or(u16::MAX),
-            free_page_hinting: false,
+            free_page_hinting: b.hinting,
             free_page_reporting: b.reporting,
         }),
         "drives": [],

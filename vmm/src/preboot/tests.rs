@@ -232,10 +232,6 @@ fn refused_requests_change_nothing() {
             "Balloon config error: Amount of pages requested is too large.",
         ),
         (
-            r#"{"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#,
-            "Balloon config error: ebb's balloon does not offer free page hinting.",
-        ),
-        (
             r#"{"amount_mib": 1}"#,
             "An error occurred when deserializing the json body of a request: missing field `deflate_on_oom`",
         ),
@@ -427,4 +423,54 @@ fn get_vm_config_reads_back_as_a_config_file() {
     assert_eq!(again, started);
     assert_eq!(view["balloon"], before["balloon"]);
     assert_eq!(view["machine-config"], before["machine-config"]);
+}
+
+#[test]
+fn free_page_hinting_is_offered_with_inline_notification_only() {
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel().display());
+    let hinted = r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#;
+    let (mut h, state) = api();
+    assert_eq!(call(&mut h, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(call(&mut h, "PUT", "/balloon", hinted).0, 204);
+    assert_eq!(
+        call(
+            &mut h,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#
+        )
+        .0,
+        204
+    );
+    assert!(
+        state
+            .lock()
+            .unwrap()
+            .start
+            .clone()
+            .unwrap()
+            .balloon
+            .unwrap()
+            .hinting
+    );
+    // ebb started with --queue-notify event-loop: a hinted block could be reused before the
+    // event loop releases it, so the start is refused.
+    let base = ConfigFile {
+        queue_notify: Some(crate::config::QueueNotify::EventLoop),
+        ..ConfigFile::default()
+    };
+    let state = Arc::new(Mutex::new(PreBoot::new(base)));
+    let mut h = PreBootApi(state.clone());
+    assert_eq!(call(&mut h, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(call(&mut h, "PUT", "/balloon", hinted).0, 204);
+    assert!(
+        fault(
+            &mut h,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#
+        )
+        .contains("needs --queue-notify vcpu")
+    );
+    assert!(state.lock().unwrap().start.is_none());
 }

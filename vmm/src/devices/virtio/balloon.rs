@@ -171,6 +171,7 @@ pub fn build(
         stats: settings.stats,
         deflate_on_oom: settings.deflate_on_oom,
         reporting: settings.reporting,
+        hinting: settings.hinting,
     };
     let backend = Arc::new(MemoryRelease(memory.clone()));
     let mut balloon = Balloon::new(config, memory.size() as u64, backend)?;
@@ -239,9 +240,28 @@ struct BalloonConfigReply {
     free_page_reporting: bool,
 }
 
-/// The refusal of every hinting request: ebb's balloon does not offer free page hinting.
+/// The refusal of a hinting request when the balloon does not offer hinting.
 const HINTING_OFF: &str =
     "Balloon update error: Balloon: Attempting to use hinting when not enabled";
+
+/// Body of `PATCH /balloon/hinting/start` (optional; unknown fields are ignored, as
+/// Firecracker ignores them).
+#[derive(serde::Deserialize)]
+struct StartHinting {
+    #[serde(default = "yes")]
+    acknowledge_on_stop: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `GET /balloon/hinting/status`.
+#[derive(serde::Serialize)]
+struct HintingStatus {
+    host_cmd: u32,
+    guest_cmd: Option<u32>,
+}
 
 /// The `/balloon` endpoints, Firecracker's: `GET` and `PATCH /balloon`, `GET` and
 /// `PATCH /balloon/statistics`, and the hinting endpoints (refused: not offered). ebb's own
@@ -267,7 +287,7 @@ impl BalloonApi {
             amount_mib: b.target_pages() / PAGES_PER_MIB,
             deflate_on_oom: offered & (1 << balloon::F_DEFLATE_ON_OOM) != 0,
             stats_polling_interval_s: self.polling_interval_s.load(Ordering::Relaxed),
-            free_page_hinting: false,
+            free_page_hinting: offered & (1 << balloon::F_FREE_PAGE_HINT) != 0,
             free_page_reporting: offered & (1 << balloon::F_REPORTING) != 0,
         })
     }
@@ -283,6 +303,7 @@ impl BalloonApi {
                 "stats": feature(f, balloon::F_STATS_VQ),
                 "deflate_on_oom": feature(f, balloon::F_DEFLATE_ON_OOM),
                 "reporting": feature(f, balloon::F_REPORTING),
+                "hinting": feature(f, balloon::F_FREE_PAGE_HINT),
             })
         };
         json!({
@@ -379,6 +400,37 @@ impl BalloonApi {
     }
 }
 
+impl BalloonApi {
+    /// `PATCH /balloon/hinting/start` (with its optional body) or `.../stop` (`None`).
+    fn hinting(&self, start: Option<&[u8]>) -> ApiResponse {
+        let ack = match start {
+            Some(body) if !body.is_empty() => match parse_body::<StartHinting>(body) {
+                Ok(s) => Some(s.acknowledge_on_stop),
+                Err(refusal) => return refusal,
+            },
+            Some(_) => Some(true),
+            None => None,
+        };
+        let mut b = lock(&self.shared);
+        if b.device_features() & (1 << balloon::F_FREE_PAGE_HINT) == 0 {
+            return ApiResponse::fault(HINTING_OFF);
+        }
+        let res = match ack {
+            Some(ack) => b.start_hinting(ack).map(|id| {
+                log::info!("free page hinting run {id} started");
+            }),
+            None => b.stop_hinting(),
+        };
+        match res {
+            Ok(()) => ApiResponse::no_content(),
+            Err(BalloonError::NotActive) => {
+                ApiResponse::fault("Balloon update error: Balloon: Device not activated yet.")
+            }
+            Err(_) => ApiResponse::fault(HINTING_OFF),
+        }
+    }
+}
+
 fn counters_json(s: &BalloonStats) -> Value {
     json!({
         "pages_inflated": s.pages_inflated,
@@ -405,6 +457,10 @@ fn counters_json(s: &BalloonStats) -> Value {
         "notifications": s.notifications,
         "notify_ns_total": s.notify_ns_total,
         "notify_ns_max": s.notify_ns_max,
+        "hint_runs": s.hint_runs,
+        "hint_blocks": s.hint_blocks,
+        "bytes_hinted": s.bytes_hinted,
+        "hints_ignored": s.hints_ignored,
     })
 }
 
@@ -416,8 +472,15 @@ impl ApiHandler for BalloonApi {
             ("PUT", "/balloon") => ApiResponse::fault(NOT_AFTER_START),
             ("GET", "/balloon/statistics") => self.statistics(),
             ("PATCH", "/balloon/statistics") => self.set_stats_interval(body),
-            ("PATCH", "/balloon/hinting/start" | "/balloon/hinting/stop")
-            | ("GET", "/balloon/hinting/status") => ApiResponse::fault(HINTING_OFF),
+            ("PATCH", "/balloon/hinting/start") => self.hinting(Some(body)),
+            ("PATCH", "/balloon/hinting/stop") => self.hinting(None),
+            ("GET", "/balloon/hinting/status") => match lock(&self.shared).hinting_status() {
+                Ok((host_cmd, guest_cmd)) => ApiResponse::json(&HintingStatus {
+                    host_cmd,
+                    guest_cmd,
+                }),
+                Err(_) => ApiResponse::fault(HINTING_OFF),
+            },
             _ => ApiResponse::unknown(method, path),
         }
     }

@@ -156,6 +156,7 @@ const SETTINGS: BalloonSettings = BalloonSettings {
     // Every page at once, so each chain's release can be counted.
     partial_release_ms: 0,
     target_mib: 0,
+    hinting: false,
 };
 
 #[test]
