@@ -87,11 +87,15 @@ num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }
 
 # Waits until ebb's console has a line matching $1, for at most $2 seconds; fails early when
 # ebb has exited.
-wait_for() {
+wait_for() { wait_for_n "$1" 1 "$2"; }
+
+# Waits until ebb's console has $2 lines matching $1, for at most $3 seconds; fails early when
+# ebb has exited.
+wait_for_n() {
     _i=0
-    while ! grep -q "$1" "$OUT"; do
+    while _n=$(grep -c "$1" "$OUT" 2>/dev/null); [ "${_n:-0}" -lt "$2" ]; do
         _i=$((_i + 1))
-        [ $_i -gt $(($2 * 5)) ] && return 1
+        [ $_i -gt $(($3 * 5)) ] && return 1
         kill -0 "$pid" 2>/dev/null || return 1
         sleep 0.2
     done

@@ -60,22 +60,10 @@ echo "EBB-FC-HINT label=hint host_cmd=$(echo "$hs" | num host_cmd) guest_cmd=$(e
     "hints_ignored=$(echo "$m" | num hints_ignored) hint_runs=$(echo "$m" | num hint_runs)"
 snap hinted || fail "API snapshot failed"
 tell_guest check
-i=0
-until [ "$(grep -c EBB-INTEGRITY-WAITING "$OUT")" -ge 2 ]; do
-    i=$((i + 1))
-    [ $i -gt 600 ] && fail "the second holder never held its pages"
-    kill -0 "$pid" 2>/dev/null || fail "ebb stopped"
-    sleep 0.2
-done
+wait_for_n EBB-INTEGRITY-WAITING 2 120 || fail "the second holder never held its pages"
 snap reused || fail "API snapshot failed"
 tell_guest check
-i=0
-until [ "$(grep -c 'EBB-RESULT integrity' "$OUT")" -ge 2 ]; do
-    i=$((i + 1))
-    [ $i -gt 600 ] && fail "the second holder never checked its pages"
-    kill -0 "$pid" 2>/dev/null || fail "ebb stopped"
-    sleep 0.2
-done
+wait_for_n "EBB-RESULT integrity" 2 120 || fail "the second holder never checked its pages"
 tell_guest done
 finish
 "#;
