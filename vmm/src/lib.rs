@@ -16,6 +16,7 @@ pub mod kvm;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod preboot;
 pub mod report;
 pub mod terminal;

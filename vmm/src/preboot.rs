@@ -483,9 +483,10 @@ impl ApiHandler for PreBootApi {
             },
             ("PATCH", "/balloon" | "/balloon/statistics" | "/balloon/hinting/start")
             | ("PATCH", "/balloon/hinting/stop")
-            | ("GET", "/balloon/statistics" | "/balloon/hinting/status" | "/memory" | "/vm") => {
-                ApiResponse::fault(NOT_BEFORE_START)
-            }
+            | (
+                "GET",
+                "/balloon/statistics" | "/balloon/hinting/status" | "/memory" | "/metrics" | "/vm",
+            ) => ApiResponse::fault(NOT_BEFORE_START),
             ("PUT", "/actions") => p.action(body),
             ("GET", "/vm/config") => ApiResponse::ok(serde_json::json!({
                 "boot-source": p.boot,

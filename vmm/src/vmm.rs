@@ -102,6 +102,18 @@ struct StatusHandler {
 }
 
 impl StatusHandler {
+    fn metrics(&mut self) -> ApiResponse {
+        let report = match self.memory.report() {
+            Ok(r) => r,
+            Err(e) => return ApiResponse::error(500, &format!("cannot read the figures: {e}")),
+        };
+        let balloon = self.extra.as_mut().and_then(|e| e.memory_figures());
+        match crate::metrics::render(&report, balloon.as_ref().map(|(_, v)| v)) {
+            Ok(t) => ApiResponse::text(t),
+            Err(e) => ApiResponse::error(500, &format!("cannot encode the metrics: {e}")),
+        }
+    }
+
     fn memory(&mut self) -> ApiResponse {
         let report = match self.memory.report() {
             Ok(r) => r,
@@ -139,6 +151,7 @@ impl ApiHandler for StatusHandler {
                 }))
             }
             ("GET", "/memory") => self.memory(),
+            ("GET", "/metrics") => self.metrics(),
             ("GET", "/vm/config") => {
                 ApiResponse::ok(crate::preboot::firecracker_view(&self.config))
             }

@@ -59,6 +59,9 @@ echo "EBB-FC-HINT label=hint host_cmd=$(echo "$hs" | num host_cmd) guest_cmd=$(e
     "bytes_hinted=$(echo "$m" | num bytes_hinted) hint_blocks=$(echo "$m" | num hint_blocks)" \
     "hints_ignored=$(echo "$m" | num hints_ignored) hint_runs=$(echo "$m" | num hint_runs)"
 snap hinted || fail "API snapshot failed"
+mt=$(api_get /metrics)
+echo "EBB-FC-METRICS label=metrics lines=$(echo "$mt" | grep -c '^ebb_') eof=$(echo "$mt" | grep -c '^# EOF')" \
+    "hinted=$(echo "$mt" | sed -n 's/^ebb_balloon_bytes_hinted_total \([0-9]*\)$/\1/p')"
 tell_guest check
 wait_for_n EBB-INTEGRITY-WAITING 2 120 || fail "the second holder never held its pages"
 snap reused || fail "API snapshot failed"
@@ -135,6 +138,10 @@ fn firecrackers_api_configures_starts_and_drives_the_balloon() {
         "{hint:?}"
     );
     assert_eq!(hint["hints_ignored"], 0, "{hint:?}");
+    // The same figures for monitoring tools.
+    let metrics = fields(&text, "EBB-FC-METRICS", "metrics");
+    assert!(metrics["lines"] > 20 && metrics["eof"] == 1, "{metrics:?}");
+    assert_eq!(metrics["hinted"], hint["bytes_hinted"], "{metrics:?}");
     // Resident memory is not compared: free page reporting had already given most free memory
     // back, and the guest (init_on_alloc=1) zeroes every block it takes for hinting, so the run
     // touches that memory once more before ebb releases it. The tables stay exact throughout

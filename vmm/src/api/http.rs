@@ -130,6 +130,18 @@ pub fn render(status: u16, body: Option<&Value>) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// Serialises a response with a plain text body (OpenMetrics text).
+pub fn render_text(status: u16, text: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {}\r\nServer: ebb\r\nConnection: close\r\n\
+         Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
+         Content-Length: {}\r\n\r\n{text}",
+        reason(status),
+        text.len()
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

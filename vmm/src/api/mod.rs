@@ -49,6 +49,8 @@ pub struct ApiResponse {
     pub status: u16,
     /// JSON body (none for 204).
     pub body: Option<serde_json::Value>,
+    /// A plain text body instead (`GET /metrics`).
+    pub text: Option<String>,
 }
 
 impl ApiResponse {
@@ -57,6 +59,7 @@ impl ApiResponse {
         ApiResponse {
             status: 200,
             body: Some(body),
+            text: None,
         }
     }
 
@@ -73,6 +76,7 @@ impl ApiResponse {
         ApiResponse {
             status: 204,
             body: None,
+            text: None,
         }
     }
 
@@ -81,6 +85,16 @@ impl ApiResponse {
         ApiResponse {
             status,
             body: Some(serde_json::json!({ "fault_message": message })),
+            text: None,
+        }
+    }
+
+    /// 200 with a plain text body (OpenMetrics text for `GET /metrics`).
+    pub fn text(text: String) -> Self {
+        ApiResponse {
+            status: 200,
+            body: None,
+            text: Some(text),
         }
     }
 
@@ -280,7 +294,11 @@ fn reply(stream: &UnixStream, answer: &ApiResponse) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(500)));
     let mut s = stream;
-    let _ = s.write_all(&render(answer.status, answer.body.as_ref()));
+    let bytes = match &answer.text {
+        Some(t) => http::render_text(answer.status, t),
+        None => render(answer.status, answer.body.as_ref()),
+    };
+    let _ = s.write_all(&bytes);
 }
 
 impl MutEventSubscriber for ApiServer {
