@@ -25,6 +25,9 @@ pub enum MemoryError {
     /// releasing host memory, reading residency.
     #[error("guest-mm failed on guest RAM")]
     Manager(#[source] ManagerError),
+    /// guest-mm's tables refused a sweep.
+    #[error("guest-mm's tables refused the sweep")]
+    Tables(#[source] guest_mm::tables::TableError),
     /// A discard range is unaligned, empty or outside guest RAM.
     #[error("range {gpa:#x}+{len:#x} is not an aligned range inside guest RAM")]
     BadRange {
@@ -386,6 +389,28 @@ impl VmMemory {
                 guest_mm::manager::gpa_range(gpa, len).map_err(MemoryError::Manager)
             })
             .collect()
+    }
+
+    /// The explicit sweep (`PUT /memory/reclaim`): frees every empty table of guest-mm's over
+    /// all of guest RAM, whatever the reclaim strategy; returns the tables freed per level
+    /// (PT, PD, PDPT, PML4) and the 2 MiB blocks whose PT table went. Under the default
+    /// strategy (a count per table) give-backs free emptied tables at once, so nothing is left.
+    pub fn reclaim(&self) -> Result<([u64; 4], u64), MemoryError> {
+        let mut freed = [0u64; 4];
+        let mut blocks = 0u64;
+        for r in self.mm.regions() {
+            let range = guest_mm::manager::gpa_range(r.gpa, r.len).map_err(MemoryError::Manager)?;
+            let done = self
+                .mm
+                .tables()
+                .reclaim(range)
+                .map_err(MemoryError::Tables)?;
+            for (f, n) in freed.iter_mut().zip(done.tables_freed) {
+                *f += n;
+            }
+            blocks += done.emptied_blocks.len() as u64;
+        }
+        Ok((freed, blocks))
     }
 
     /// Current memory figures; `exact` also walks the tables for the minimum (slower).

@@ -29,6 +29,7 @@ fn example(method: &str, path: &str, kernel: &str) -> String {
         ("PATCH", "/balloon") => r#"{"amount_mib": 16}"#.into(),
         ("PATCH", "/balloon/statistics") => r#"{"stats_polling_interval_s": 0}"#.into(),
         ("PUT", "/actions") => r#"{"action_type": "FlushMetrics"}"#.into(),
+        ("PUT", "/memory/reclaim") => "{}".into(),
         _ => String::new(),
     }
 }

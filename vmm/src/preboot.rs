@@ -488,6 +488,7 @@ impl ApiHandler for PreBootApi {
                 "/balloon/statistics" | "/balloon/hinting/status" | "/memory" | "/metrics" | "/vm",
             ) => ApiResponse::fault(NOT_BEFORE_START),
             ("PUT", "/actions") => p.action(body),
+            ("PUT", "/memory/reclaim") => ApiResponse::fault(NOT_BEFORE_START),
             ("GET", "/vm/config") => ApiResponse::ok(serde_json::json!({
                 "boot-source": p.boot,
                 "machine-config": p.machine,

@@ -114,6 +114,32 @@ impl StatusHandler {
         }
     }
 
+    /// `PUT /memory/reclaim` (body `{}`): the explicit sweep of empty tables.
+    fn reclaim(&mut self, body: &[u8]) -> ApiResponse {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Sweep {}
+        if let Err(refusal) = crate::api::parse_body::<Sweep>(body) {
+            return refusal;
+        }
+        let t = Instant::now();
+        let before = self.memory.report().ok().and_then(|r| r.tracked);
+        match self.memory.reclaim() {
+            Ok((freed, blocks)) => {
+                let after = self.memory.report().ok().and_then(|r| r.tracked);
+                ApiResponse::ok(serde_json::json!({
+                    "tables_freed": {"pt": freed[0], "pd": freed[1], "pdpt": freed[2], "pml4": freed[3]},
+                    "blocks_emptied": blocks,
+                    "table_bytes_before": before.map(|t| t.table_bytes),
+                    "table_bytes_after": after.map(|t| t.table_bytes),
+                    "min_table_bytes": after.map(|t| t.min_table_bytes),
+                    "ns": u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                }))
+            }
+            Err(e) => ApiResponse::error(500, &format!("the sweep failed: {e}")),
+        }
+    }
+
     fn memory(&mut self) -> ApiResponse {
         let report = match self.memory.report() {
             Ok(r) => r,
@@ -152,6 +178,7 @@ impl ApiHandler for StatusHandler {
             }
             ("GET", "/memory") => self.memory(),
             ("GET", "/metrics") => self.metrics(),
+            ("PUT", "/memory/reclaim") => self.reclaim(body),
             ("GET", "/vm/config") => {
                 ApiResponse::ok(crate::preboot::firecracker_view(&self.config))
             }

@@ -59,6 +59,9 @@ echo "EBB-FC-HINT label=hint host_cmd=$(echo "$hs" | num host_cmd) guest_cmd=$(e
     "bytes_hinted=$(echo "$m" | num bytes_hinted) hint_blocks=$(echo "$m" | num hint_blocks)" \
     "hints_ignored=$(echo "$m" | num hints_ignored) hint_runs=$(echo "$m" | num hint_runs)"
 snap hinted || fail "API snapshot failed"
+rc=$("$CTL" --api-sock "$S" PUT /memory/reclaim '{}') || fail "the sweep failed"
+echo "EBB-FC-SWEEP label=sweep pt=$(echo "$rc" | num pt) pd=$(echo "$rc" | num pd)" \
+    "after=$(echo "$rc" | num table_bytes_after) min=$(echo "$rc" | num min_table_bytes)"
 mt=$(api_get /metrics)
 echo "EBB-FC-METRICS label=metrics lines=$(echo "$mt" | grep -c '^ebb_') eof=$(echo "$mt" | grep -c '^# EOF')" \
     "hinted=$(echo "$mt" | sed -n 's/^ebb_balloon_bytes_hinted_total \([0-9]*\)$/\1/p')"
@@ -138,6 +141,10 @@ fn firecrackers_api_configures_starts_and_drives_the_balloon() {
         "{hint:?}"
     );
     assert_eq!(hint["hints_ignored"], 0, "{hint:?}");
+    // The explicit sweep finds nothing to free: give-backs already freed every emptied table.
+    let sweep = fields(&text, "EBB-FC-SWEEP", "sweep");
+    assert_eq!((sweep["pt"], sweep["pd"]), (0, 0), "{sweep:?}");
+    assert_eq!(sweep["after"], sweep["min"], "{sweep:?}");
     // The same figures for monitoring tools.
     let metrics = fields(&text, "EBB-FC-METRICS", "metrics");
     assert!(metrics["lines"] > 20 && metrics["eof"] == 1, "{metrics:?}");
