@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use balloon::{Notifier, NotifyKind};
-use ebb::config::{BalloonSettings, ConfigFile, VmConfig};
+use ebb::config::{BalloonSettings, BootFile, ConfigFile, MachineFile, MemoryFile, VmConfig};
 use ebb::memory::VmMemory;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -67,9 +67,18 @@ impl Inflate {
 
 fn run(label: &str, thp: Option<bool>, scattered: bool) {
     let file = ConfigFile {
-        kernel: Some(std::env::current_exe().unwrap()),
-        memory_mib: Some(1024),
-        thp,
+        boot: BootFile {
+            kernel: Some(std::env::current_exe().unwrap()),
+            ..Default::default()
+        },
+        machine: MachineFile {
+            memory_mib: Some(1024),
+            ..Default::default()
+        },
+        memory: MemoryFile {
+            thp,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let memory = Arc::new(VmMemory::new(&VmConfig::validate(file).unwrap()).unwrap());

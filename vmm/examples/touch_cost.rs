@@ -13,11 +13,20 @@ fn main() {
         (true, 512, false),
     ] {
         let file = ebb::config::ConfigFile {
-            kernel: Some(std::env::current_exe().unwrap()),
-            memory_mib: Some(256),
-            track: Some(track),
-            fault_around: Some(fa),
-            thp: Some(thp),
+            boot: ebb::config::BootFile {
+                kernel: Some(std::env::current_exe().unwrap()),
+                ..Default::default()
+            },
+            machine: ebb::config::MachineFile {
+                memory_mib: Some(256),
+                ..Default::default()
+            },
+            memory: ebb::config::MemoryFile {
+                track: Some(track),
+                fault_around: Some(fa),
+                thp: Some(thp),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let config = ebb::config::VmConfig::validate(file).unwrap();

@@ -1,10 +1,13 @@
-//! Command-line parsing; every flag mirrors a field of the JSON config file.
+//! Command-line parsing; every flag maps to a field of the one configuration type
+//! ([`ConfigFile`]: sections boot, machine, memory, balloon).
 
 use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{ConfigError, ConfigFile, VmConfig};
+use crate::config::{
+    BalloonFile, BootFile, ConfigError, ConfigFile, MachineFile, MemoryFile, VmConfig,
+};
 
 /// ebb: a KVM microVM host that tracks every guest page in exact second-level tables.
 #[derive(Debug, Parser)]
@@ -111,30 +114,60 @@ impl Cli {
             Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
         };
+        let balloon = BalloonFile {
+            deflate_on_oom: self.balloon_deflate_on_oom.then_some(true),
+            stats: self.balloon_no_stats.then_some(false),
+            stats_polling_interval_s: self.balloon_stats_s,
+            reporting: self.balloon_reporting.then_some(true),
+            hinting: self.balloon_hinting.then_some(true),
+            target_mib: self.balloon_target_mib,
+            partial_release_ms: self.balloon_partial_release_ms,
+        };
+        // A balloon flag without the balloon (neither --balloon nor a section in the file) is
+        // refused, naming the flag.
+        if !self.balloon && file.balloon.is_none() {
+            let given = [
+                ("balloon-deflate-on-oom", balloon.deflate_on_oom.is_some()),
+                ("balloon-no-stats", balloon.stats.is_some()),
+                (
+                    "balloon-stats-s",
+                    balloon.stats_polling_interval_s.is_some(),
+                ),
+                ("balloon-reporting", balloon.reporting.is_some()),
+                ("balloon-hinting", balloon.hinting.is_some()),
+                ("balloon-target-mib", balloon.target_mib.is_some()),
+                (
+                    "balloon-partial-release-ms",
+                    balloon.partial_release_ms.is_some(),
+                ),
+            ];
+            if let Some((name, _)) = given.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::BalloonOptionWithoutBalloon(name));
+            }
+        }
         let flags = ConfigFile {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
-            vcpus: self.vcpus,
-            memory_mib: self.memory_mib,
+            boot: BootFile {
+                kernel: self.kernel,
+                initrd: self.initrd,
+                cmdline: self.cmdline,
+                pvh: self.pvh.then_some(true),
+            },
+            machine: MachineFile {
+                vcpus: self.vcpus,
+                memory_mib: self.memory_mib,
+                hlt_in_guest: self.hlt_in_guest.then_some(true),
+                full_xsave: self.full_xsave.then_some(true),
+                queue_notify: self.queue_notify,
+            },
+            memory: MemoryFile {
+                track: self.no_track.then_some(false),
+                thp: self.no_thp.then_some(false),
+                fault_around: self.fault_around,
+                fault_threads: self.fault_threads,
+                zap_kvm_tables_after: self.zap_kvm_tables_after,
+            },
+            balloon: (self.balloon || balloon != BalloonFile::default()).then_some(balloon),
             api_sock: self.api_sock,
-            track: self.no_track.then_some(false),
-            fault_threads: self.fault_threads,
-            full_xsave: self.full_xsave.then_some(true),
-            fault_around: self.fault_around,
-            thp: self.no_thp.then_some(false),
-            pvh: self.pvh.then_some(true),
-            hlt_in_guest: self.hlt_in_guest.then_some(true),
-            queue_notify: self.queue_notify,
-            balloon: self.balloon.then_some(true),
-            balloon_deflate_on_oom: self.balloon_deflate_on_oom.then_some(true),
-            balloon_stats: self.balloon_no_stats.then_some(false),
-            balloon_stats_s: self.balloon_stats_s,
-            balloon_reporting: self.balloon_reporting.then_some(true),
-            zap_kvm_tables_after: self.zap_kvm_tables_after,
-            balloon_partial_release_ms: self.balloon_partial_release_ms,
-            balloon_target_mib: self.balloon_target_mib,
-            balloon_hinting: self.balloon_hinting.then_some(true),
         };
         Ok(file.overlay(flags))
     }
@@ -159,13 +192,13 @@ mod tests {
         ])
         .unwrap();
         let c = cli.into_config().unwrap();
-        assert_eq!(c.vcpus, 2);
-        assert_eq!(c.memory_mib, 512);
-        assert!(!c.track);
-        assert!(!c.hlt_in_guest, "HLT exits stay on unless asked");
+        assert_eq!(c.machine.vcpus, 2);
+        assert_eq!(c.machine.memory_mib, 512);
+        assert!(!c.memory.track);
+        assert!(!c.machine.hlt_in_guest, "HLT exits stay on unless asked");
         let cli = Cli::try_parse_from(["ebb", "--kernel", exe.to_str().unwrap(), "--hlt-in-guest"])
             .unwrap();
-        assert!(cli.into_config().unwrap().hlt_in_guest);
+        assert!(cli.into_config().unwrap().machine.hlt_in_guest);
     }
 
     #[test]

@@ -1,4 +1,9 @@
-//! The validated description of one VM, from the command line or a JSON file.
+//! The one description of a VM, in four sections (boot, machine, memory, balloon) and the API
+//! socket. Every source fills the same partial type, [`ConfigFile`]: the JSON config file (this
+//! shape, or Firecracker's format, read through the same checks), the command-line flags, and the
+//! configuration over the API before start. Sources are layered with [`ConfigFile::overlay`] and
+//! checked in one place, [`VmConfig::validate`]. [`VmConfig`] serialises in the same shape, so
+//! the configuration `GET /vm` answers is a config file ebb reads back as the same VM.
 
 use std::path::{Path, PathBuf};
 
@@ -63,8 +68,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// A balloon option was given without the balloon.
-    #[error("balloon option {0} needs the balloon: add --balloon (\"balloon\": true)")]
+    /// A balloon flag was given without the balloon.
+    #[error(
+        "balloon option {0} needs the balloon: add --balloon (a \"balloon\" section in the config file)"
+    )]
     BalloonOptionWithoutBalloon(&'static str),
     /// The statistics polling interval is out of range or has no queue to poll.
     #[error(
@@ -101,60 +108,96 @@ pub enum ConfigError {
     },
 }
 
-/// The fields of the JSON config file; every one is optional so that the command line
-/// can fill or override it.
+/// The boot section: what to boot.
 #[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+#[serde(default, deny_unknown_fields)]
+pub struct BootFile {
     /// Kernel image: bzImage or vmlinux ELF.
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    pub vcpus: Option<u64>,
-    /// Guest RAM in MiB.
-    pub memory_mib: Option<u64>,
-    /// Path of the API Unix socket.
-    pub api_sock: Option<PathBuf>,
-    /// Track every guest page in guest-mm (default true).
-    pub track: Option<bool>,
-    /// Number of userfaultfd handler threads when tracking.
-    pub fault_threads: Option<u64>,
-    /// Offer the host's full XSAVE state (AVX and up) instead of hiding XSAVE.
-    pub full_xsave: Option<bool>,
-    /// Pages guest-mm fills per fault (1 = exact, a power of two up to 4096).
-    pub fault_around: Option<u32>,
-    /// Let untracked guest RAM use transparent huge pages (default true; tracked RAM is
-    /// always 4 KiB pages).
-    pub thp: Option<bool>,
     /// Boot an ELF vmlinux through its PVH entry instead of the 64-bit Linux protocol.
     pub pvh: Option<bool>,
+}
+
+/// The machine section: vCPUs, RAM size and how the vCPUs run.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MachineFile {
+    /// Number of vCPUs (default 1).
+    pub vcpus: Option<u64>,
+    /// Guest RAM in MiB (default 256).
+    pub memory_mib: Option<u64>,
     /// Let idle vCPUs halt inside the guest (KVM HLT exits off; default false).
     pub hlt_in_guest: Option<bool>,
+    /// Offer the host's full XSAVE state (AVX and up) instead of hiding XSAVE.
+    pub full_xsave: Option<bool>,
     /// Which thread handles virtio queue notifications (default `vcpu`).
     pub queue_notify: Option<QueueNotify>,
-    /// Add a virtio-balloon device (default false).
-    pub balloon: Option<bool>,
-    /// Offer the balloon's deflate-on-OOM feature (default false).
-    pub balloon_deflate_on_oom: Option<bool>,
-    /// Offer the balloon's statistics queue (default true).
-    pub balloon_stats: Option<bool>,
-    /// Seconds between guest statistics refreshes; 0 refreshes only when the API asks.
-    pub balloon_stats_s: Option<u32>,
-    /// Offer free page reporting (default false).
-    pub balloon_reporting: Option<bool>,
-    /// The balloon's target when the guest's driver comes up, in MiB (default 0).
-    pub balloon_target_mib: Option<u64>,
-    /// Offer free page hinting (default false; needs `queue_notify` `vcpu`).
-    pub balloon_hinting: Option<bool>,
+}
+
+/// The memory section: how guest-mm holds guest RAM.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryFile {
+    /// Track every guest page in guest-mm's fault path (default true).
+    pub track: Option<bool>,
+    /// 2 MiB host pages (default true): tracked RAM is a memfd filled 2 MiB at a time,
+    /// untracked RAM may use transparent huge pages.
+    pub thp: Option<bool>,
+    /// Pages guest-mm fills per fault (a power of two up to 4096).
+    pub fault_around: Option<u32>,
+    /// Number of userfaultfd handler threads when tracking.
+    pub fault_threads: Option<u64>,
     /// Make KVM drop its nested tables after give-backs emptied this many 2 MiB blocks
     /// (0: never; default [`DEFAULT_ZAP_KVM_TABLES_AFTER`]).
     pub zap_kvm_tables_after: Option<u64>,
+}
+
+/// The balloon section; its presence adds the device.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalloonFile {
+    /// Offer deflate-on-OOM (default false).
+    pub deflate_on_oom: Option<bool>,
+    /// Offer the statistics queue (default true).
+    pub stats: Option<bool>,
+    /// Seconds between guest statistics refreshes; 0 refreshes only when the API asks.
+    pub stats_polling_interval_s: Option<u32>,
+    /// Offer free page reporting (default false).
+    pub reporting: Option<bool>,
+    /// Offer free page hinting (default false; needs `queue_notify` `vcpu`).
+    pub hinting: Option<bool>,
+    /// The target when the guest's driver comes up, in MiB (default 0).
+    pub target_mib: Option<u64>,
     /// Milliseconds without inflation after which the balloon's pages in 2 MiB blocks it holds
     /// only in part are released (0: at once; default [`DEFAULT_BALLOON_PARTIAL_RELEASE_MS`]).
-    pub balloon_partial_release_ms: Option<u64>,
+    pub partial_release_ms: Option<u64>,
+}
+
+/// A VM description as one source gives it: every field optional, so that sources layer.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    /// What to boot.
+    pub boot: BootFile,
+    /// vCPUs, RAM size, vCPU threads.
+    pub machine: MachineFile,
+    /// How guest RAM is held.
+    pub memory: MemoryFile,
+    /// The balloon device, when there is one.
+    pub balloon: Option<BalloonFile>,
+    /// Path of the API Unix socket.
+    pub api_sock: Option<PathBuf>,
+}
+
+/// `over`'s value where it has one, else `base`'s.
+macro_rules! layer {
+    ($base:expr, $over:expr, $($f:ident),+) => {
+        $( $base.$f = $over.$f.or($base.$f.take()); )+
+    };
 }
 
 impl ConfigFile {
@@ -178,41 +221,61 @@ impl ConfigFile {
                 }
             });
         }
-        serde_json::from_str(text).map_err(|source| ConfigError::FileMalformed {
+        let malformed = |source| ConfigError::FileMalformed {
             path: path.to_owned(),
             source,
-        })
+        };
+        // An object, not any JSON serde would take for the struct (an array, say).
+        let value: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
+        if !value.is_object() {
+            return Err(malformed(serde::de::Error::custom(
+                "a config file is a JSON object",
+            )));
+        }
+        serde_json::from_value(value).map_err(malformed)
     }
 
-    /// Fields set in `over` replace those in `self`.
-    pub fn overlay(self, over: ConfigFile) -> ConfigFile {
-        ConfigFile {
-            kernel: over.kernel.or(self.kernel),
-            initrd: over.initrd.or(self.initrd),
-            cmdline: over.cmdline.or(self.cmdline),
-            vcpus: over.vcpus.or(self.vcpus),
-            memory_mib: over.memory_mib.or(self.memory_mib),
-            api_sock: over.api_sock.or(self.api_sock),
-            track: over.track.or(self.track),
-            fault_threads: over.fault_threads.or(self.fault_threads),
-            full_xsave: over.full_xsave.or(self.full_xsave),
-            fault_around: over.fault_around.or(self.fault_around),
-            thp: over.thp.or(self.thp),
-            pvh: over.pvh.or(self.pvh),
-            hlt_in_guest: over.hlt_in_guest.or(self.hlt_in_guest),
-            queue_notify: over.queue_notify.or(self.queue_notify),
-            balloon: over.balloon.or(self.balloon),
-            balloon_deflate_on_oom: over.balloon_deflate_on_oom.or(self.balloon_deflate_on_oom),
-            balloon_stats: over.balloon_stats.or(self.balloon_stats),
-            balloon_stats_s: over.balloon_stats_s.or(self.balloon_stats_s),
-            zap_kvm_tables_after: over.zap_kvm_tables_after.or(self.zap_kvm_tables_after),
-            balloon_partial_release_ms: over
-                .balloon_partial_release_ms
-                .or(self.balloon_partial_release_ms),
-            balloon_reporting: over.balloon_reporting.or(self.balloon_reporting),
-            balloon_target_mib: over.balloon_target_mib.or(self.balloon_target_mib),
-            balloon_hinting: over.balloon_hinting.or(self.balloon_hinting),
-        }
+    /// Fields set in `over` replace those in `self`; a balloon section in either adds the
+    /// balloon, its fields layered the same way.
+    pub fn overlay(mut self, over: ConfigFile) -> ConfigFile {
+        layer!(self.boot, over.boot, kernel, initrd, cmdline, pvh);
+        layer!(
+            self.machine,
+            over.machine,
+            vcpus,
+            memory_mib,
+            hlt_in_guest,
+            full_xsave,
+            queue_notify
+        );
+        layer!(
+            self.memory,
+            over.memory,
+            track,
+            thp,
+            fault_around,
+            fault_threads,
+            zap_kvm_tables_after
+        );
+        self.balloon = match (self.balloon, over.balloon) {
+            (Some(mut b), Some(o)) => {
+                layer!(
+                    b,
+                    o,
+                    deflate_on_oom,
+                    stats,
+                    stats_polling_interval_s,
+                    reporting,
+                    hinting,
+                    target_mib,
+                    partial_release_ms
+                );
+                Some(b)
+            }
+            (b, o) => o.or(b),
+        };
+        self.api_sock = over.api_sock.or(self.api_sock);
+        self
     }
 }
 
@@ -247,119 +310,124 @@ pub struct BalloonSettings {
     pub stats_polling_interval_s: u32,
     /// Offer free page reporting.
     pub reporting: bool,
+    /// Offer free page hinting.
+    pub hinting: bool,
+    /// The target when the guest's driver comes up, in MiB.
+    pub target_mib: u64,
     /// Milliseconds without inflation after which the pages of 2 MiB blocks the balloon holds
     /// only in part are released (blocks it holds whole go at once); 0: every page at once.
     pub partial_release_ms: u64,
-    /// The target when the guest's driver comes up, in MiB.
-    pub target_mib: u64,
-    /// Offer free page hinting.
-    pub hinting: bool,
 }
 
 impl BalloonSettings {
-    fn validate(file: &ConfigFile) -> Result<Option<Self>, ConfigError> {
-        if file.balloon != Some(true) {
-            let given = [
-                (
-                    "balloon-deflate-on-oom",
-                    file.balloon_deflate_on_oom.is_some(),
-                ),
-                ("balloon-stats", file.balloon_stats.is_some()),
-                ("balloon-stats-s", file.balloon_stats_s.is_some()),
-                ("balloon-reporting", file.balloon_reporting.is_some()),
-                (
-                    "balloon-partial-release-ms",
-                    file.balloon_partial_release_ms.is_some(),
-                ),
-                ("balloon-target-mib", file.balloon_target_mib.is_some()),
-                ("balloon-hinting", file.balloon_hinting.is_some()),
-            ];
-            return match given.iter().find(|(_, set)| *set) {
-                Some((name, _)) => Err(ConfigError::BalloonOptionWithoutBalloon(name)),
-                None => Ok(None),
-            };
-        }
-        let stats = file.balloon_stats.unwrap_or(true);
-        let interval = file.balloon_stats_s.unwrap_or(0);
+    fn validate(file: &BalloonFile) -> Result<Self, ConfigError> {
+        let stats = file.stats.unwrap_or(true);
+        let interval = file.stats_polling_interval_s.unwrap_or(0);
         if interval > MAX_BALLOON_STATS_S || (interval > 0 && !stats) {
             return Err(ConfigError::BadBalloonStatsInterval(interval));
         }
         let partial = file
-            .balloon_partial_release_ms
+            .partial_release_ms
             .unwrap_or(DEFAULT_BALLOON_PARTIAL_RELEASE_MS);
         if partial > MAX_BALLOON_PARTIAL_RELEASE_MS {
             return Err(ConfigError::BadBalloonPartialRelease(partial));
         }
-        Ok(Some(BalloonSettings {
-            deflate_on_oom: file.balloon_deflate_on_oom.unwrap_or(false),
+        Ok(BalloonSettings {
+            deflate_on_oom: file.deflate_on_oom.unwrap_or(false),
             stats,
             stats_polling_interval_s: interval,
-            reporting: file.balloon_reporting.unwrap_or(false),
+            reporting: file.reporting.unwrap_or(false),
+            hinting: file.hinting.unwrap_or(false),
+            target_mib: file.target_mib.unwrap_or(0),
             partial_release_ms: partial,
-            target_mib: file.balloon_target_mib.unwrap_or(0),
-            hinting: file.balloon_hinting.unwrap_or(false),
-        }))
+        })
     }
 }
 
-/// A complete, checked VM description.
+/// What to boot, checked.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct VmConfig {
+pub struct Boot {
     /// Kernel image.
     pub kernel: PathBuf,
     /// Initial ramdisk.
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
+    /// PVH boot.
+    pub pvh: bool,
+}
+
+/// The machine, checked.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Machine {
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
-    /// API socket path.
-    pub api_sock: Option<PathBuf>,
-    /// Whether guest-mm tracks every guest page.
-    pub track: bool,
-    /// userfaultfd handler threads.
-    pub fault_threads: usize,
-    /// Offer AVX and later XSAVE state to the guest.
-    pub full_xsave: bool,
-    /// Pages filled per fault.
-    pub fault_around: u32,
-    /// Transparent huge pages for untracked RAM.
-    pub thp: bool,
-    /// PVH boot.
-    pub pvh: bool,
     /// HLT exits off: an idle vCPU halts inside the guest, and KVM never parks a vCPU on a
     /// page the host has not filled yet (see `kvm::Vm::new`).
     pub hlt_in_guest: bool,
+    /// Offer AVX and later XSAVE state to the guest.
+    pub full_xsave: bool,
     /// Which thread handles virtio queue notifications.
     pub queue_notify: QueueNotify,
-    /// The balloon device, when there is one.
-    pub balloon: Option<BalloonSettings>,
+}
+
+/// How guest RAM is held, checked.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Memory {
+    /// Whether guest-mm tracks every guest page.
+    pub track: bool,
+    /// 2 MiB host pages.
+    pub thp: bool,
+    /// Pages filled per fault.
+    pub fault_around: u32,
+    /// userfaultfd handler threads.
+    pub fault_threads: usize,
     /// Emptied 2 MiB blocks after which KVM drops its nested tables (0: never).
     pub zap_kvm_tables_after: u64,
+}
+
+/// A complete, checked VM description; serialised, it is a config file for the same VM.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VmConfig {
+    /// What to boot.
+    pub boot: Boot,
+    /// The machine.
+    pub machine: Machine,
+    /// Guest RAM.
+    pub memory: Memory,
+    /// The balloon device, when there is one.
+    pub balloon: Option<BalloonSettings>,
+    /// API socket path.
+    pub api_sock: Option<PathBuf>,
 }
 
 impl VmConfig {
     /// Checks every field and fills defaults. Files are opened to prove they are readable.
     pub fn validate(file: ConfigFile) -> Result<Self, ConfigError> {
-        let balloon = BalloonSettings::validate(&file)?;
-        let kernel = file.kernel.ok_or(ConfigError::MissingKernel)?;
+        let balloon = file
+            .balloon
+            .as_ref()
+            .map(BalloonSettings::validate)
+            .transpose()?;
+        let kernel = file.boot.kernel.ok_or(ConfigError::MissingKernel)?;
         std::fs::File::open(&kernel).map_err(|source| ConfigError::KernelUnreadable {
             path: kernel.clone(),
             source,
         })?;
-        if let Some(initrd) = &file.initrd {
+        if let Some(initrd) = &file.boot.initrd {
             std::fs::File::open(initrd).map_err(|source| ConfigError::InitrdUnreadable {
                 path: initrd.clone(),
                 source,
             })?;
         }
-        let vcpus = file.vcpus.unwrap_or(1);
+        let m = &file.machine;
+        let vcpus = m.vcpus.unwrap_or(1);
         if vcpus == 0 || vcpus > u64::from(MAX_VCPUS) {
             return Err(ConfigError::BadVcpus(vcpus));
         }
-        let memory_mib = file.memory_mib.unwrap_or(256);
+        let memory_mib = m.memory_mib.unwrap_or(256);
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
             return Err(ConfigError::BadMemory(memory_mib));
         }
@@ -368,210 +436,67 @@ impl VmConfig {
         {
             return Err(ConfigError::BadBalloonTarget(b.target_mib, memory_mib));
         }
-        let queue_notify = file.queue_notify.unwrap_or_default();
+        let queue_notify = m.queue_notify.unwrap_or_default();
         if balloon.is_some_and(|b| b.hinting) && queue_notify != QueueNotify::Vcpu {
             return Err(ConfigError::HintingNeedsInlineNotify);
         }
-        let cmdline = file.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+        let cmdline = file
+            .boot
+            .cmdline
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
         if cmdline.contains('\0') {
             return Err(ConfigError::BadCmdline("it contains a NUL byte"));
         }
         if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::BadCmdline("it is longer than 64 KiB"));
         }
-        let thp = file.thp.unwrap_or(true);
+        let mem = &file.memory;
+        let thp = mem.thp.unwrap_or(true);
         // Tracked RAM with 2 MiB pages fills 8 blocks (16 MiB) per fault by default: a userfault
         // round trip costs milliseconds under nested virtualisation, and the window keeps the
         // guest's first touches within about 10% of untracked RAM (docs/ARCHITECTURE.md,
         // "Measurements"). With 4 KiB pages the default stays exact: the faulting page only.
         let fault_around =
-            file.fault_around
+            mem.fault_around
                 .unwrap_or(if thp { DEFAULT_HUGE_FAULT_AROUND } else { 1 });
         if !fault_around.is_power_of_two() || fault_around > 4096 {
             return Err(ConfigError::BadFaultAround(fault_around));
         }
-        let fault_threads = file.fault_threads.unwrap_or(2).clamp(1, 64) as usize;
         Ok(VmConfig {
-            kernel,
-            initrd: file.initrd,
-            cmdline,
-            // The range check above keeps this lossless.
-            vcpus: vcpus as u8,
-            memory_mib,
-            api_sock: file.api_sock,
-            track: file.track.unwrap_or(true),
-            fault_threads,
-            full_xsave: file.full_xsave.unwrap_or(false),
-            fault_around,
-            thp,
-            pvh: file.pvh.unwrap_or(false),
-            hlt_in_guest: file.hlt_in_guest.unwrap_or(false),
-            queue_notify,
+            boot: Boot {
+                kernel,
+                initrd: file.boot.initrd,
+                cmdline,
+                pvh: file.boot.pvh.unwrap_or(false),
+            },
+            machine: Machine {
+                // The range check above keeps this lossless.
+                vcpus: vcpus as u8,
+                memory_mib,
+                hlt_in_guest: m.hlt_in_guest.unwrap_or(false),
+                full_xsave: m.full_xsave.unwrap_or(false),
+                queue_notify,
+            },
+            memory: Memory {
+                track: mem.track.unwrap_or(true),
+                thp,
+                fault_around,
+                fault_threads: mem.fault_threads.unwrap_or(2).clamp(1, 64) as usize,
+                zap_kvm_tables_after: mem
+                    .zap_kvm_tables_after
+                    .unwrap_or(DEFAULT_ZAP_KVM_TABLES_AFTER),
+            },
             balloon,
-            zap_kvm_tables_after: file
-                .zap_kvm_tables_after
-                .unwrap_or(DEFAULT_ZAP_KVM_TABLES_AFTER),
+            api_sock: file.api_sock,
         })
     }
 
     /// Guest RAM in bytes.
     pub fn memory_bytes(&self) -> u64 {
-        self.memory_mib << 20
+        self.machine.memory_mib << 20
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn existing_file() -> PathBuf {
-        std::env::current_exe().unwrap()
-    }
-
-    fn base() -> ConfigFile {
-        ConfigFile {
-            kernel: Some(existing_file()),
-            ..ConfigFile::default()
-        }
-    }
-
-    #[test]
-    fn fault_around_defaults_follow_the_page_size() {
-        let file = |thp| ConfigFile {
-            kernel: Some(std::env::current_exe().unwrap()),
-            thp,
-            ..Default::default()
-        };
-        let c = VmConfig::validate(file(None)).unwrap();
-        assert_eq!(c.fault_around, DEFAULT_HUGE_FAULT_AROUND);
-        let c = VmConfig::validate(file(Some(false))).unwrap();
-        assert_eq!(c.fault_around, 1, "4 KiB tracking stays exact by default");
-        let mut f = file(None);
-        f.fault_around = Some(8192);
-        assert!(matches!(
-            VmConfig::validate(f),
-            Err(ConfigError::BadFaultAround(8192))
-        ));
-    }
-
-    #[test]
-    fn defaults_fill_in() {
-        let c = VmConfig::validate(base()).unwrap();
-        assert_eq!(c.vcpus, 1);
-        assert_eq!(c.memory_mib, 256);
-        assert!(c.track);
-        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
-    }
-
-    #[test]
-    fn bad_values_are_refused() {
-        let missing = ConfigFile::default();
-        assert!(matches!(
-            VmConfig::validate(missing),
-            Err(ConfigError::MissingKernel)
-        ));
-        let nofile = ConfigFile {
-            kernel: Some("/nonexistent/kernel".into()),
-            ..ConfigFile::default()
-        };
-        assert!(matches!(
-            VmConfig::validate(nofile),
-            Err(ConfigError::KernelUnreadable { .. })
-        ));
-        for vcpus in [0, 33, u64::MAX] {
-            let f = ConfigFile {
-                vcpus: Some(vcpus),
-                ..base()
-            };
-            assert!(matches!(VmConfig::validate(f), Err(ConfigError::BadVcpus(v)) if v == vcpus));
-        }
-        for mib in [0, 63, 3073, u64::MAX] {
-            let f = ConfigFile {
-                memory_mib: Some(mib),
-                ..base()
-            };
-            assert!(matches!(VmConfig::validate(f), Err(ConfigError::BadMemory(m)) if m == mib));
-        }
-        let nul = ConfigFile {
-            cmdline: Some("a\0b".into()),
-            ..base()
-        };
-        assert!(matches!(
-            VmConfig::validate(nul),
-            Err(ConfigError::BadCmdline(_))
-        ));
-    }
-
-    #[test]
-    fn file_parses_and_overlays() {
-        let text = r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 512, "track": false,
-            "hlt_in_guest": true}"#;
-        let f = ConfigFile::parse(Path::new("x.json"), text).unwrap();
-        assert_eq!(f.vcpus, Some(2));
-        let cli = ConfigFile {
-            vcpus: Some(4),
-            ..ConfigFile::default()
-        };
-        let merged = f.overlay(cli);
-        assert_eq!(merged.vcpus, Some(4));
-        assert_eq!(merged.memory_mib, Some(512));
-        assert_eq!(merged.track, Some(false));
-        assert_eq!(merged.hlt_in_guest, Some(true));
-        assert_eq!(merged.kernel.as_deref(), Some(Path::new("/k")));
-    }
-
-    #[test]
-    fn balloon_options() {
-        assert_eq!(VmConfig::validate(base()).unwrap().balloon, None);
-        let text = r#"{"balloon": true, "balloon_stats_s": 5, "balloon_reporting": true}"#;
-        let f = ConfigFile::parse(Path::new("x.json"), text).unwrap();
-        let b = VmConfig::validate(base().overlay(f))
-            .unwrap()
-            .balloon
-            .unwrap();
-        assert_eq!(
-            b,
-            BalloonSettings {
-                deflate_on_oom: false,
-                stats: true,
-                stats_polling_interval_s: 5,
-                reporting: true,
-                partial_release_ms: DEFAULT_BALLOON_PARTIAL_RELEASE_MS,
-                target_mib: 0,
-                hinting: false,
-            }
-        );
-        let orphan = ConfigFile {
-            balloon_reporting: Some(true),
-            ..base()
-        };
-        assert!(matches!(
-            VmConfig::validate(orphan),
-            Err(ConfigError::BalloonOptionWithoutBalloon(
-                "balloon-reporting"
-            ))
-        ));
-        for (stats, s) in [(true, MAX_BALLOON_STATS_S + 1), (false, 1)] {
-            let f = ConfigFile {
-                balloon: Some(true),
-                balloon_stats: Some(stats),
-                balloon_stats_s: Some(s),
-                ..base()
-            };
-            assert!(matches!(
-                VmConfig::validate(f),
-                Err(ConfigError::BadBalloonStatsInterval(_))
-            ));
-        }
-    }
-
-    #[test]
-    fn malformed_file_is_refused() {
-        for text in ["{", r#"{"vcpus": "two"}"#, r#"{"unknown": 1}"#, "[]"] {
-            assert!(matches!(
-                ConfigFile::parse(Path::new("x.json"), text),
-                Err(ConfigError::FileMalformed { .. })
-            ));
-        }
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         }
     };
     // No kernel but an API socket: wait for the configuration over the API (Firecracker's way).
-    let (config, api) = match (&file.kernel, file.api_sock.clone()) {
+    let (config, api) = match (&file.boot.kernel, file.api_sock.clone()) {
         (None, Some(path)) => match ebb::preboot::configure(file, &path) {
             Ok((c, sock)) => (c, Some(sock)),
             Err(e) => {

@@ -162,10 +162,12 @@ impl VmMemory {
     /// anonymous memory without a fault path (`MADV_HUGEPAGE`, or `MADV_NOHUGEPAGE` with
     /// `--no-thp`), released with `MADV_DONTNEED`.
     pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
-        let (backing, release) = if !config.track {
-            let backing = BackingSpec::Anonymous { thp: config.thp };
+        let (backing, release) = if !config.memory.track {
+            let backing = BackingSpec::Anonymous {
+                thp: config.memory.thp,
+            };
             (backing, ReleaseMode::DontNeed)
-        } else if config.thp {
+        } else if config.memory.thp {
             if !guest_mm::backing::shmem_huge_pages_available() {
                 log::warn!(
                     "this host gives shared memory no 2 MiB pages \
@@ -191,12 +193,12 @@ impl VmMemory {
         let faults = FaultConfig {
             // 0: no userfaultfd, no leaves; the region is mapped, released and read for
             // residency all the same.
-            handler_threads: if config.track {
-                config.fault_threads
+            handler_threads: if config.memory.track {
+                config.memory.fault_threads
             } else {
                 0
             },
-            fault_around_pages: config.fault_around,
+            fault_around_pages: config.memory.fault_around,
             fill: FillMode::default(),
         };
         let mm = GuestMm::new(&[spec], Strategy::Count, release, faults)
@@ -485,10 +487,19 @@ mod tests {
     /// Untracked guest RAM (`--no-track --no-thp`): guest-mm's region without a fault path.
     fn untracked(mib: u64) -> VmMemory {
         let file = crate::config::ConfigFile {
-            kernel: Some(std::env::current_exe().unwrap()),
-            memory_mib: Some(mib),
-            track: Some(false),
-            thp: Some(false),
+            boot: crate::config::BootFile {
+                kernel: Some(std::env::current_exe().unwrap()),
+                ..Default::default()
+            },
+            machine: crate::config::MachineFile {
+                memory_mib: Some(mib),
+                ..Default::default()
+            },
+            memory: crate::config::MemoryFile {
+                track: Some(false),
+                thp: Some(false),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let config = crate::config::VmConfig::validate(file).unwrap();
@@ -600,11 +611,20 @@ mod tests {
 
     fn tracked(mib: u64, thp: bool) -> VmMemory {
         let file = crate::config::ConfigFile {
-            kernel: Some(std::env::current_exe().unwrap()),
-            memory_mib: Some(mib),
-            thp: Some(thp),
             // One block (or page) per fault, so the tests can count.
-            fault_around: Some(1),
+            boot: crate::config::BootFile {
+                kernel: Some(std::env::current_exe().unwrap()),
+                ..Default::default()
+            },
+            machine: crate::config::MachineFile {
+                memory_mib: Some(mib),
+                ..Default::default()
+            },
+            memory: crate::config::MemoryFile {
+                thp: Some(thp),
+                fault_around: Some(1),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let config = crate::config::VmConfig::validate(file).unwrap();
@@ -615,11 +635,22 @@ mod tests {
     fn partly_held_blocks_are_released_after_the_delay() {
         for track in [true, false] {
             let file = crate::config::ConfigFile {
-                kernel: Some(std::env::current_exe().unwrap()),
-                memory_mib: Some(64),
-                track: Some(track),
-                balloon: Some(true),
-                balloon_partial_release_ms: Some(30),
+                boot: crate::config::BootFile {
+                    kernel: Some(std::env::current_exe().unwrap()),
+                    ..Default::default()
+                },
+                machine: crate::config::MachineFile {
+                    memory_mib: Some(64),
+                    ..Default::default()
+                },
+                memory: crate::config::MemoryFile {
+                    track: Some(track),
+                    ..Default::default()
+                },
+                balloon: Some(crate::config::BalloonFile {
+                    partial_release_ms: Some(30),
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             let config = crate::config::VmConfig::validate(file).unwrap();
@@ -707,8 +738,14 @@ mod tests {
     #[test]
     fn ballooned_pages_stay_out_until_deflated() {
         let file = crate::config::ConfigFile {
-            kernel: Some(std::env::current_exe().unwrap()),
-            memory_mib: Some(64),
+            boot: crate::config::BootFile {
+                kernel: Some(std::env::current_exe().unwrap()),
+                ..Default::default()
+            },
+            machine: crate::config::MachineFile {
+                memory_mib: Some(64),
+                ..Default::default()
+            },
             ..Default::default()
         };
         // The default window: 8 blocks per fault.

@@ -7,6 +7,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::api::ApiHandler;
+#[allow(unused_imports)]
+use crate::config::{BalloonFile, BootFile, MachineFile, MemoryFile};
 use crate::config::{BalloonSettings, ConfigFile};
 use crate::preboot::{PreBoot, PreBootApi};
 
@@ -107,10 +109,18 @@ fn every_documented_operation_answers_as_documented() {
 
     // After start: ebb's handlers over real guest memory and a balloon without a driver.
     let file = ConfigFile {
-        kernel: Some(kernel.into()),
-        memory_mib: Some(128),
-        balloon: Some(true),
-        balloon_stats_s: Some(1),
+        boot: BootFile {
+            kernel: Some(kernel.into()),
+            ..Default::default()
+        },
+        machine: MachineFile {
+            memory_mib: Some(128),
+            ..Default::default()
+        },
+        balloon: Some(BalloonFile {
+            stats_polling_interval_s: Some(1),
+            ..Default::default()
+        }),
         ..ConfigFile::default()
     };
     let config = VmConfig::validate(file).unwrap();

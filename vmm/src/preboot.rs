@@ -18,7 +18,7 @@ use crate::api::{
     ApiError, ApiHandler, ApiListener, ApiResponse, ApiServer, NOT_AFTER_START, NOT_BEFORE_START,
     parse_body,
 };
-use crate::config::{ConfigError, ConfigFile, DEFAULT_CMDLINE, VmConfig};
+use crate::config::{BalloonFile, ConfigError, ConfigFile, DEFAULT_CMDLINE, VmConfig};
 use crate::layout::{MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 
 /// Firecracker's memory size before any `PUT /machine-config`.
@@ -168,8 +168,8 @@ impl PreBoot {
     /// until a `PUT /machine-config`.
     pub fn new(base: ConfigFile) -> Self {
         let machine = MachineConfig {
-            vcpu_count: base.vcpus.map_or(1, |v| v.min(255) as u8),
-            mem_size_mib: base.memory_mib.unwrap_or(DEFAULT_MEM_SIZE_MIB),
+            vcpu_count: base.machine.vcpus.map_or(1, |v| v.min(255) as u8),
+            mem_size_mib: base.machine.memory_mib.unwrap_or(DEFAULT_MEM_SIZE_MIB),
             smt: false,
             track_dirty_pages: false,
             huge_pages: HugePages::None,
@@ -189,27 +189,27 @@ impl PreBoot {
         let boot = self.boot.as_ref().ok_or(
             "Start microvm error: Cannot start microvm without kernel configuration.".to_owned(),
         )?;
-        let mut over = ConfigFile {
-            kernel: Some(boot.kernel_image_path.clone()),
-            initrd: boot.initrd_path.clone(),
-            cmdline: Some(
-                boot.boot_args
-                    .clone()
-                    .or_else(|| self.base.cmdline.clone())
-                    .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
-            ),
-            vcpus: Some(u64::from(self.machine.vcpu_count)),
-            memory_mib: Some(self.machine.mem_size_mib),
-            ..ConfigFile::default()
-        };
+        let mut over = ConfigFile::default();
+        over.boot.kernel = Some(boot.kernel_image_path.clone());
+        over.boot.initrd = boot.initrd_path.clone();
+        over.boot.cmdline = Some(
+            boot.boot_args
+                .clone()
+                .or_else(|| self.base.boot.cmdline.clone())
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
+        );
+        over.machine.vcpus = Some(u64::from(self.machine.vcpu_count));
+        over.machine.memory_mib = Some(self.machine.mem_size_mib);
         if let Some(b) = &self.balloon {
-            over.balloon = Some(true);
-            over.balloon_deflate_on_oom = Some(b.deflate_on_oom);
-            over.balloon_stats = Some(b.stats_polling_interval_s > 0);
-            over.balloon_stats_s = Some(u32::from(b.stats_polling_interval_s));
-            over.balloon_reporting = Some(b.free_page_reporting);
-            over.balloon_target_mib = Some(u64::from(b.amount_mib));
-            over.balloon_hinting = Some(b.free_page_hinting);
+            over.balloon = Some(BalloonFile {
+                deflate_on_oom: Some(b.deflate_on_oom),
+                stats: Some(b.stats_polling_interval_s > 0),
+                stats_polling_interval_s: Some(u32::from(b.stats_polling_interval_s)),
+                reporting: Some(b.free_page_reporting),
+                hinting: Some(b.free_page_hinting),
+                target_mib: Some(u64::from(b.amount_mib)),
+                partial_release_ms: None,
+            });
         }
         Ok(self.base.clone().overlay(over))
     }
@@ -379,13 +379,13 @@ struct FirecrackerConfig {
 pub fn firecracker_view(c: &VmConfig) -> serde_json::Value {
     serde_json::json!({
         "boot-source": BootSource {
-            kernel_image_path: c.kernel.clone(),
-            initrd_path: c.initrd.clone(),
-            boot_args: Some(c.cmdline.clone()),
+            kernel_image_path: c.boot.kernel.clone(),
+            initrd_path: c.boot.initrd.clone(),
+            boot_args: Some(c.boot.cmdline.clone()),
         },
         "machine-config": MachineConfig {
-            vcpu_count: c.vcpus,
-            mem_size_mib: c.memory_mib,
+            vcpu_count: c.machine.vcpus,
+            mem_size_mib: c.machine.memory_mib,
             smt: false,
             track_dirty_pages: false,
             huge_pages: HugePages::None,

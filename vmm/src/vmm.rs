@@ -184,8 +184,8 @@ impl ApiHandler for StatusHandler {
             }
             // Firecracker's configuration: readable, no longer changeable.
             ("GET", "/machine-config") => ApiResponse::json(&crate::preboot::MachineConfig {
-                vcpu_count: self.config.vcpus,
-                mem_size_mib: self.config.memory_mib,
+                vcpu_count: self.config.machine.vcpus,
+                mem_size_mib: self.config.machine.memory_mib,
                 smt: false,
                 track_dirty_pages: false,
                 huge_pages: crate::preboot::HugePages::None,
@@ -241,7 +241,7 @@ pub fn run(
     let signal_fd = event_loop::block_stop_signals()?;
 
     let memory = Arc::new(VmMemory::new(&config)?);
-    let vm = Vm::new(!config.full_xsave, config.hlt_in_guest)?;
+    let vm = Vm::new(!config.machine.full_xsave, config.machine.hlt_in_guest)?;
     // SAFETY: guest RAM is mapped for the rest of the process's life (see `memory`).
     unsafe { vm.add_ram(memory.host_addr(), memory.size() as u64)? };
     let mem = memory.vm_memory().clone();
@@ -249,10 +249,10 @@ pub fn run(
     let entry = boot::load_linux(
         &mem,
         memory.size() as u64,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &config.cmdline,
-        config.pvh,
+        &config.boot.kernel,
+        config.boot.initrd.as_deref(),
+        &config.boot.cmdline,
+        config.boot.pvh,
     )?;
 
     let Plugins {
@@ -295,7 +295,7 @@ pub fn run(
             .map_err(kvm_io("virtio irqfd"))?;
         let mut transport = MmioTransport::new(device, mem.clone(), irq_evt)
             .map_err(|e| VmmError::Device("virtio-mmio", std::io::Error::other(e)))?;
-        let inline = config.queue_notify == QueueNotify::Vcpu;
+        let inline = config.machine.queue_notify == QueueNotify::Vcpu;
         transport.set_inline_notify(inline);
         // Inline notification: no ioeventfd, so the write exits to the vCPU thread.
         let events = if inline {
@@ -322,7 +322,7 @@ pub fn run(
             irq,
         });
     }
-    let tables = acpi::build_tables(config.vcpus, &slots)?;
+    let tables = acpi::build_tables(config.machine.vcpus, &slots)?;
     acpi::write_tables(&mem, &tables)?;
 
     vcpu::install_kick_handler()
@@ -330,8 +330,8 @@ pub fn run(
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let mut vcpus = Vec::new();
-    for index in 0..config.vcpus {
-        let fd = vm.create_vcpu(index, config.vcpus, &mem, entry)?;
+    for index in 0..config.machine.vcpus {
+        let fd = vm.create_vcpu(index, config.machine.vcpus, &mem, entry)?;
         vcpus.push(Vcpu::new(
             index,
             fd,
@@ -385,7 +385,7 @@ pub fn run(
         if let Err(e) = memory.release_pending_if_due() {
             log::error!("cannot release the balloon's pending pages: {e}");
         }
-        if memory.kvm_zap_due(config.zap_kvm_tables_after) {
+        if memory.kvm_zap_due(config.memory.zap_kvm_tables_after) {
             let _no_chain: Vec<_> = chains
                 .iter()
                 .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))

@@ -2,6 +2,8 @@
 //! getting-started guide and ballooning documentation.
 
 use super::*;
+#[allow(unused_imports)]
+use crate::config::{BalloonFile, BootFile, MachineFile, MemoryFile};
 
 fn kernel() -> PathBuf {
     std::env::current_exe().unwrap()
@@ -94,9 +96,9 @@ fn firecrackers_sequence_configures_and_starts() {
         204
     );
     let c = state.lock().unwrap().start.clone().expect("started");
-    assert_eq!((c.vcpus, c.memory_mib), (2, 1024));
-    assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=1 pci=off");
-    assert_eq!(c.kernel, kernel());
+    assert_eq!((c.machine.vcpus, c.machine.memory_mib), (2, 1024));
+    assert_eq!(c.boot.cmdline, "console=ttyS0 reboot=k panic=1 pci=off");
+    assert_eq!(c.boot.kernel, kernel());
     let b = c.balloon.expect("a balloon");
     assert_eq!(
         (
@@ -296,10 +298,19 @@ fn refused_requests_change_nothing() {
 #[test]
 fn the_command_line_fills_what_the_api_leaves_out() {
     let base = ConfigFile {
-        memory_mib: Some(512),
-        vcpus: Some(2),
-        cmdline: Some("console=ttyS0 quiet".into()),
-        fault_around: Some(512),
+        boot: BootFile {
+            cmdline: Some("console=ttyS0 quiet".into()),
+            ..Default::default()
+        },
+        machine: MachineFile {
+            memory_mib: Some(512),
+            vcpus: Some(2),
+            ..Default::default()
+        },
+        memory: MemoryFile {
+            fault_around: Some(512),
+            ..Default::default()
+        },
         ..ConfigFile::default()
     };
     let state = Arc::new(Mutex::new(PreBoot::new(base)));
@@ -322,8 +333,11 @@ fn the_command_line_fills_what_the_api_leaves_out() {
         204
     );
     let c = state.lock().unwrap().start.clone().unwrap();
-    assert_eq!((c.vcpus, c.memory_mib, c.fault_around), (2, 512, 512));
-    assert_eq!(c.cmdline, "console=ttyS0 quiet");
+    assert_eq!(
+        (c.machine.vcpus, c.machine.memory_mib, c.memory.fault_around),
+        (2, 512, 512)
+    );
+    assert_eq!(c.boot.cmdline, "console=ttyS0 quiet");
     assert!(c.balloon.is_none());
 }
 
@@ -340,8 +354,8 @@ fn firecrackers_config_file_is_read_like_its_requests() {
     );
     assert!(is_firecracker_config(&text));
     let c = VmConfig::validate(firecracker_config(&text).unwrap()).unwrap();
-    assert_eq!((c.vcpus, c.memory_mib), (2, 1024));
-    assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=1");
+    assert_eq!((c.machine.vcpus, c.machine.memory_mib), (2, 1024));
+    assert_eq!(c.boot.cmdline, "console=ttyS0 reboot=k panic=1");
     assert_eq!(c.balloon.unwrap().stats_polling_interval_s, 1);
     // Through ConfigFile::parse, as --config-file reads it.
     let parsed = ConfigFile::parse(Path::new("vm.json"), &text).unwrap();
@@ -456,7 +470,10 @@ fn free_page_hinting_is_offered_with_inline_notification_only() {
     // ebb started with --queue-notify event-loop: a hinted block could be reused before the
     // event loop releases it, so the start is refused.
     let base = ConfigFile {
-        queue_notify: Some(crate::config::QueueNotify::EventLoop),
+        machine: MachineFile {
+            queue_notify: Some(crate::config::QueueNotify::EventLoop),
+            ..Default::default()
+        },
         ..ConfigFile::default()
     };
     let state = Arc::new(Mutex::new(PreBoot::new(base)));

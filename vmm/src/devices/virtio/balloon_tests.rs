@@ -8,6 +8,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+#[allow(unused_imports)]
+use crate::config::{BalloonFile, BootFile, MachineFile, MemoryFile};
 use crate::config::{ConfigFile, VmConfig};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -20,9 +22,18 @@ const NEXT: u16 = 1;
 
 fn tracked_memory(mib: u64, thp: Option<bool>) -> Arc<VmMemory> {
     let file = ConfigFile {
-        kernel: Some(std::env::current_exe().unwrap()),
-        memory_mib: Some(mib),
-        thp,
+        boot: BootFile {
+            kernel: Some(std::env::current_exe().unwrap()),
+            ..Default::default()
+        },
+        machine: MachineFile {
+            memory_mib: Some(mib),
+            ..Default::default()
+        },
+        memory: MemoryFile {
+            thp,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let config = VmConfig::validate(file).unwrap();
