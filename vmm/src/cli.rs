@@ -93,6 +93,16 @@ pub struct Cli {
     /// host's 2 MiB page or KVM's entry); 0 releases every page at once. Default 50.
     #[arg(long = "balloon-partial-release-ms")]
     pub balloon_partial_release_ms: Option<u64>,
+    /// How guest-mm finds the tables a give-back emptied: off (only PUT /memory/reclaim
+    /// sweeps), scan (rescan a table after clearing leaves in it) or count (a count per table;
+    /// the default).
+    #[arg(long = "reclaim-strategy", value_enum)]
+    pub reclaim_strategy: Option<crate::config::ReclaimStrategy>,
+    /// How given-back memory is released: dontneed or free (anonymous RAM: --no-track or
+    /// --no-thp), punch-hole or remove (memfd RAM, the default). Default: punch-hole for memfd
+    /// RAM, dontneed for anonymous RAM.
+    #[arg(long = "release-mode", value_enum)]
+    pub release_mode: Option<crate::config::ReleaseChoice>,
     /// The balloon's target when the guest's driver comes up, in MiB (default 0).
     #[arg(long = "balloon-target-mib")]
     pub balloon_target_mib: Option<u64>,
@@ -165,6 +175,8 @@ impl Cli {
                 fault_around: self.fault_around,
                 fault_threads: self.fault_threads,
                 zap_kvm_tables_after: self.zap_kvm_tables_after,
+                strategy: self.reclaim_strategy,
+                release: self.release_mode,
             },
             balloon: (self.balloon || balloon != BalloonFile::default()).then_some(balloon),
             api_sock: self.api_sock,

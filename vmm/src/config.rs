@@ -78,6 +78,19 @@ pub enum ConfigError {
         "balloon-stats-s must be 0 to {MAX_BALLOON_STATS_S} and needs the statistics queue, got {0}"
     )]
     BadBalloonStatsInterval(u32),
+    /// A release mode that does not free the memory guest RAM is made of.
+    #[error(
+        "release mode {mode} needs {needs} guest RAM, but this configuration has {has} RAM \
+         (memfd: tracked with 2 MiB pages, the default; anonymous: --no-track or --no-thp)"
+    )]
+    ReleaseMode {
+        /// The mode asked for.
+        mode: &'static str,
+        /// The RAM it works on.
+        needs: &'static str,
+        /// The RAM configured.
+        has: &'static str,
+    },
     /// Free page hinting with queue notifications handled off the notifying vCPU.
     #[error(
         "balloon free page hinting needs --queue-notify vcpu: a hinted block must be released before the vCPU that sent it goes on"
@@ -154,6 +167,11 @@ pub struct MemoryFile {
     /// Make KVM drop its nested tables after give-backs emptied this many 2 MiB blocks
     /// (0: never; default [`DEFAULT_ZAP_KVM_TABLES_AFTER`]).
     pub zap_kvm_tables_after: Option<u64>,
+    /// How guest-mm finds the tables a give-back emptied (default `count`).
+    pub strategy: Option<ReclaimStrategy>,
+    /// How given-back memory is released (default: `punch-hole` for memfd RAM, `dontneed`
+    /// for anonymous RAM).
+    pub release: Option<ReleaseChoice>,
 }
 
 /// The balloon section; its presence adds the device.
@@ -255,7 +273,9 @@ impl ConfigFile {
             thp,
             fault_around,
             fault_threads,
-            zap_kvm_tables_after
+            zap_kvm_tables_after,
+            strategy,
+            release
         );
         self.balloon = match (self.balloon, over.balloon) {
             (Some(mut b), Some(o)) => {
@@ -276,6 +296,40 @@ impl ConfigFile {
         };
         self.api_sock = over.api_sock.or(self.api_sock);
         self
+    }
+}
+
+/// How guest-mm finds the second-level tables a give-back emptied (the seeds' debate).
+#[derive(Debug, Default, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReclaimStrategy {
+    /// Never at give-back (as KVM's TDP MMU); only `PUT /memory/reclaim` sweeps.
+    Off,
+    /// Rescan a table's 512 entries after clearing leaves in it.
+    Scan,
+    /// Keep a count of present entries in every table, updated on every fault and release.
+    #[default]
+    Count,
+}
+
+/// How given-back memory is released to the host.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleaseChoice {
+    /// `MADV_DONTNEED` (anonymous RAM).
+    Dontneed,
+    /// `MADV_FREE`: lazily, the host takes the pages under memory pressure (anonymous RAM).
+    Free,
+    /// `fallocate(PUNCH_HOLE)` (memfd RAM).
+    PunchHole,
+    /// `MADV_REMOVE` (memfd RAM).
+    Remove,
+}
+
+impl ReleaseChoice {
+    /// Whether the mode releases memfd RAM (else anonymous RAM).
+    pub fn for_memfd(self) -> bool {
+        matches!(self, ReleaseChoice::PunchHole | ReleaseChoice::Remove)
     }
 }
 
@@ -386,6 +440,17 @@ pub struct Memory {
     pub fault_threads: usize,
     /// Emptied 2 MiB blocks after which KVM drops its nested tables (0: never).
     pub zap_kvm_tables_after: u64,
+    /// How guest-mm finds emptied tables.
+    pub strategy: ReclaimStrategy,
+    /// How given-back memory is released.
+    pub release: ReleaseChoice,
+}
+
+impl Memory {
+    /// Whether guest RAM is a memfd (tracked, 2 MiB pages) rather than anonymous memory.
+    pub fn memfd(&self) -> bool {
+        self.track && self.thp
+    }
 }
 
 /// A complete, checked VM description; serialised, it is a config file for the same VM.
@@ -462,6 +527,26 @@ impl VmConfig {
         if !fault_around.is_power_of_two() || fault_around > 4096 {
             return Err(ConfigError::BadFaultAround(fault_around));
         }
+        let track = mem.track.unwrap_or(true);
+        let memfd = track && thp;
+        let release = mem.release.unwrap_or(if memfd {
+            ReleaseChoice::PunchHole
+        } else {
+            ReleaseChoice::Dontneed
+        });
+        if release.for_memfd() != memfd {
+            let kind = |m: bool| if m { "memfd" } else { "anonymous" };
+            return Err(ConfigError::ReleaseMode {
+                mode: match release {
+                    ReleaseChoice::Dontneed => "dontneed",
+                    ReleaseChoice::Free => "free",
+                    ReleaseChoice::PunchHole => "punch-hole",
+                    ReleaseChoice::Remove => "remove",
+                },
+                needs: kind(release.for_memfd()),
+                has: kind(memfd),
+            });
+        }
         Ok(VmConfig {
             boot: Boot {
                 kernel,
@@ -478,13 +563,15 @@ impl VmConfig {
                 queue_notify,
             },
             memory: Memory {
-                track: mem.track.unwrap_or(true),
+                track,
                 thp,
                 fault_around,
                 fault_threads: mem.fault_threads.unwrap_or(2).clamp(1, 64) as usize,
                 zap_kvm_tables_after: mem
                     .zap_kvm_tables_after
                     .unwrap_or(DEFAULT_ZAP_KVM_TABLES_AFTER),
+                strategy: mem.strategy.unwrap_or_default(),
+                release,
             },
             balloon,
             api_sock: file.api_sock,

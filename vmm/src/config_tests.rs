@@ -177,3 +177,49 @@ fn malformed_file_is_refused() {
         );
     }
 }
+
+#[test]
+fn release_modes_must_free_the_ram_they_get() {
+    // (track, thp, mode, accepted)
+    for (track, thp, mode, ok) in [
+        (true, true, ReleaseChoice::PunchHole, true),
+        (true, true, ReleaseChoice::Remove, true),
+        (true, true, ReleaseChoice::Dontneed, false),
+        (true, true, ReleaseChoice::Free, false),
+        (true, false, ReleaseChoice::Dontneed, true),
+        (true, false, ReleaseChoice::Free, true),
+        (true, false, ReleaseChoice::PunchHole, false),
+        (false, true, ReleaseChoice::Free, true),
+        (false, true, ReleaseChoice::Remove, false),
+    ] {
+        let mut f = base();
+        f.memory.track = Some(track);
+        f.memory.thp = Some(thp);
+        f.memory.release = Some(mode);
+        let r = VmConfig::validate(f);
+        assert_eq!(r.is_ok(), ok, "{track} {thp} {mode:?}: {r:?}");
+        if let Err(e) = r {
+            assert!(e.to_string().starts_with("release mode "), "{e}");
+        }
+    }
+    // Defaults follow the RAM; the strategy defaults to count.
+    let c = VmConfig::validate(base()).unwrap();
+    assert_eq!(
+        (c.memory.release, c.memory.strategy),
+        (ReleaseChoice::PunchHole, ReclaimStrategy::Count)
+    );
+    let mut f = base();
+    f.memory.thp = Some(false);
+    f.memory.strategy = Some(ReclaimStrategy::Scan);
+    let c = VmConfig::validate(f).unwrap();
+    assert_eq!(
+        (c.memory.release, c.memory.strategy),
+        (ReleaseChoice::Dontneed, ReclaimStrategy::Scan)
+    );
+    let f = ConfigFile::parse(
+        Path::new("x.json"),
+        r#"{"memory": {"strategy": "off", "release": "punch-hole"}}"#,
+    )
+    .unwrap();
+    assert_eq!(f.memory.strategy, Some(ReclaimStrategy::Off));
+}

@@ -11,6 +11,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use guest_mm::Strategy;
+
+use crate::config::{ReclaimStrategy, ReleaseChoice};
 use guest_mm::backing::ReleaseMode;
 use guest_mm::manager::{BackingSpec, FaultConfig, FillMode, GuestMm, ManagerError, RegionSpec};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -140,6 +142,8 @@ pub struct VmMemory {
     partial_release: Option<std::time::Duration>,
     /// Since when give-backs have been waiting (the last deferred one), if any.
     pending_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The reclaim strategy and release mode in force.
+    policy: crate::report::Policy,
 }
 
 /// What the KVM table-zap policy counts.
@@ -162,12 +166,11 @@ impl VmMemory {
     /// anonymous memory without a fault path (`MADV_HUGEPAGE`, or `MADV_NOHUGEPAGE` with
     /// `--no-thp`), released with `MADV_DONTNEED`.
     pub fn new(config: &crate::config::VmConfig) -> Result<Self, MemoryError> {
-        let (backing, release) = if !config.memory.track {
-            let backing = BackingSpec::Anonymous {
+        let backing = if !config.memory.track {
+            BackingSpec::Anonymous {
                 thp: config.memory.thp,
-            };
-            (backing, ReleaseMode::DontNeed)
-        } else if config.memory.thp {
+            }
+        } else if config.memory.memfd() {
             if !guest_mm::backing::shmem_huge_pages_available() {
                 log::warn!(
                     "this host gives shared memory no 2 MiB pages \
@@ -176,13 +179,12 @@ impl VmMemory {
                      `echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled` fixes that"
                 );
             }
-            let backing = BackingSpec::Memfd {
+            BackingSpec::Memfd {
                 name: "ebb-guest-ram".to_owned(),
                 huge: true,
-            };
-            (backing, ReleaseMode::PunchHole)
+            }
         } else {
-            (BackingSpec::Anonymous { thp: false }, ReleaseMode::DontNeed)
+            BackingSpec::Anonymous { thp: false }
         };
         let spec = RegionSpec {
             gpa: 0,
@@ -201,8 +203,20 @@ impl VmMemory {
             fault_around_pages: config.memory.fault_around,
             fill: FillMode::default(),
         };
-        let mm = GuestMm::new(&[spec], Strategy::Count, release, faults)
-            .map_err(MemoryError::Manager)?;
+        // The configuration chose both (VmConfig::validate checked the mode against the
+        // backing).
+        let release = match config.memory.release {
+            ReleaseChoice::Dontneed => ReleaseMode::DontNeed,
+            ReleaseChoice::Free => ReleaseMode::Free,
+            ReleaseChoice::PunchHole => ReleaseMode::PunchHole,
+            ReleaseChoice::Remove => ReleaseMode::Remove,
+        };
+        let strategy = match config.memory.strategy {
+            ReclaimStrategy::Off => Strategy::Off,
+            ReclaimStrategy::Scan => Strategy::Scan,
+            ReclaimStrategy::Count => Strategy::Count,
+        };
+        let mm = GuestMm::new(&[spec], strategy, release, faults).map_err(MemoryError::Manager)?;
         let region = mm
             .regions()
             .first()
@@ -229,6 +243,10 @@ impl VmMemory {
             partial_release: (partial_release > 0)
                 .then(|| std::time::Duration::from_millis(partial_release)),
             pending_since: std::sync::Mutex::new(None),
+            policy: crate::report::Policy {
+                strategy: config.memory.strategy,
+                release: config.memory.release,
+            },
         })
     }
 
@@ -438,6 +456,7 @@ impl VmMemory {
         let (host_pte_bytes, kvm_table_bytes) = crate::report::host_table_bytes();
         Ok(crate::report::MemoryReport {
             guest_bytes: self.ram.size() as u64,
+            policy: self.policy,
             resident_pages: mm.resident_pages().map_err(MemoryError::Manager)?,
             host_huge_bytes: self.ram.host_huge_bytes(),
             host_pte_bytes,
@@ -800,5 +819,43 @@ mod tests {
         let v: u8 = m.vm_memory().read_obj(GuestAddress(16_000 * 4096)).unwrap();
         assert_eq!(v, 0x5a);
         assert!(m.report().unwrap().host_huge_bytes.is_some());
+    }
+
+    #[test]
+    fn the_strategy_and_release_mode_in_force_are_guest_mms_and_reported() {
+        use crate::config::{
+            BootFile, ConfigFile, MachineFile, MemoryFile, ReclaimStrategy, ReleaseChoice,
+        };
+        for (thp, strategy, release) in [
+            (false, ReclaimStrategy::Scan, ReleaseChoice::Free),
+            (false, ReclaimStrategy::Off, ReleaseChoice::Dontneed),
+            (true, ReclaimStrategy::Count, ReleaseChoice::Remove),
+        ] {
+            let file = ConfigFile {
+                boot: BootFile {
+                    kernel: Some(std::env::current_exe().unwrap()),
+                    ..Default::default()
+                },
+                machine: MachineFile {
+                    memory_mib: Some(64),
+                    ..Default::default()
+                },
+                memory: MemoryFile {
+                    thp: Some(thp),
+                    strategy: Some(strategy),
+                    release: Some(release),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let config = crate::config::VmConfig::validate(file).unwrap();
+            let m = VmMemory::new(&config).expect("guest-mm (needs root)");
+            m.vm_memory().write_obj(7u8, GuestAddress(0)).unwrap();
+            m.discard(0, 2 << 20).unwrap();
+            let r = m.report().unwrap();
+            assert_eq!((r.policy.strategy, r.policy.release), (strategy, release));
+            let text = r.render();
+            assert!(text.contains("reclaim / release:"), "{text}");
+        }
     }
 }

@@ -171,6 +171,7 @@ mod tests {
     fn a_scrape_has_the_figures_in_openmetrics_text() {
         let report = MemoryReport {
             guest_bytes: 512 << 20,
+            policy: crate::report::Policy::default(),
             resident_pages: 1000,
             host_huge_bytes: None,
             host_pte_bytes: Some(81920),

@@ -41,11 +41,31 @@ pub struct KvmZaps {
     pub blocks_emptied: u64,
 }
 
+/// The reclaim strategy and release mode in force.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Policy {
+    /// How guest-mm finds emptied tables.
+    pub strategy: crate::config::ReclaimStrategy,
+    /// How given-back memory is released.
+    pub release: crate::config::ReleaseChoice,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            strategy: crate::config::ReclaimStrategy::Count,
+            release: crate::config::ReleaseChoice::PunchHole,
+        }
+    }
+}
+
 /// Everything the report says.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct MemoryReport {
     /// Guest RAM size in bytes.
     pub guest_bytes: u64,
+    /// The reclaim strategy and release mode in force.
+    pub policy: Policy,
     /// 4 KiB pages of guest RAM resident in the host (mincore).
     pub resident_pages: u64,
     /// Bytes of guest RAM the host maps with 2 MiB entries (smaps), if known.
@@ -62,6 +82,14 @@ pub struct MemoryReport {
     pub balloon_pending_pages: u64,
     /// Tracking figures, if tracking is on.
     pub tracked: Option<TrackStats>,
+}
+
+/// A setting's name as the config file spells it.
+fn kebab<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -101,6 +129,11 @@ impl MemoryReport {
         s.push_str(&format!(
             "guest RAM:            {:>10.1} MiB\n",
             mib(self.guest_bytes)
+        ));
+        s.push_str(&format!(
+            "reclaim / release:    {:>10}  / {}\n",
+            kebab(&self.policy.strategy),
+            kebab(&self.policy.release)
         ));
         s.push_str(&format!(
             "touched (resident):   {:>10.1} MiB  ({} pages of 4 KiB)\n",
@@ -199,6 +232,7 @@ mod tests {
     fn renders_tracked_and_untracked() {
         let mut r = MemoryReport {
             guest_bytes: 256 << 20,
+            policy: Policy::default(),
             resident_pages: 1000,
             host_huge_bytes: Some(4 << 20),
             host_pte_bytes: Some(48 << 10),
