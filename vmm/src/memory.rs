@@ -505,24 +505,20 @@ mod tests {
 
     /// Untracked guest RAM (`--no-track --no-thp`): guest-mm's region without a fault path.
     fn untracked(mib: u64) -> VmMemory {
-        let file = crate::config::ConfigFile {
-            boot: crate::config::BootFile {
-                kernel: Some(std::env::current_exe().unwrap()),
-                ..Default::default()
-            },
-            machine: crate::config::MachineFile {
-                memory_mib: Some(mib),
-                ..Default::default()
-            },
-            memory: crate::config::MemoryFile {
-                track: Some(false),
-                thp: Some(false),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        memory_with(mib, |f| {
+            f.memory.track = Some(false);
+            f.memory.thp = Some(false);
+        })
+    }
+
+    /// Guest RAM of `mib` MiB as `set` configures it (the rest at its defaults).
+    fn memory_with(mib: u64, set: impl FnOnce(&mut crate::config::ConfigFile)) -> VmMemory {
+        let mut file = crate::config::ConfigFile::default();
+        file.boot.kernel = Some(std::env::current_exe().unwrap());
+        file.machine.memory_mib = Some(mib);
+        set(&mut file);
         let config = crate::config::VmConfig::validate(file).unwrap();
-        VmMemory::new(&config).unwrap()
+        VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)")
     }
 
     fn resident(m: &VmMemory) -> u64 {
@@ -629,51 +625,23 @@ mod tests {
     }
 
     fn tracked(mib: u64, thp: bool) -> VmMemory {
-        let file = crate::config::ConfigFile {
+        memory_with(mib, |f| {
+            f.memory.thp = Some(thp);
             // One block (or page) per fault, so the tests can count.
-            boot: crate::config::BootFile {
-                kernel: Some(std::env::current_exe().unwrap()),
-                ..Default::default()
-            },
-            machine: crate::config::MachineFile {
-                memory_mib: Some(mib),
-                ..Default::default()
-            },
-            memory: crate::config::MemoryFile {
-                thp: Some(thp),
-                fault_around: Some(1),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let config = crate::config::VmConfig::validate(file).unwrap();
-        VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)")
+            f.memory.fault_around = Some(1);
+        })
     }
 
     #[test]
     fn partly_held_blocks_are_released_after_the_delay() {
         for track in [true, false] {
-            let file = crate::config::ConfigFile {
-                boot: crate::config::BootFile {
-                    kernel: Some(std::env::current_exe().unwrap()),
-                    ..Default::default()
-                },
-                machine: crate::config::MachineFile {
-                    memory_mib: Some(64),
-                    ..Default::default()
-                },
-                memory: crate::config::MemoryFile {
-                    track: Some(track),
-                    ..Default::default()
-                },
-                balloon: Some(crate::config::BalloonFile {
+            let m = memory_with(64, |f| {
+                f.memory.track = Some(track);
+                f.balloon = Some(crate::config::BalloonFile {
                     partial_release_ms: Some(30),
                     ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let config = crate::config::VmConfig::validate(file).unwrap();
-            let m = VmMemory::new(&config).expect("guest-mm (needs root)");
+                });
+            });
             for page in 0..(4 << 20) / 4096 {
                 m.vm_memory()
                     .write_obj(1u8, GuestAddress(page * 4096))
@@ -756,20 +724,8 @@ mod tests {
 
     #[test]
     fn ballooned_pages_stay_out_until_deflated() {
-        let file = crate::config::ConfigFile {
-            boot: crate::config::BootFile {
-                kernel: Some(std::env::current_exe().unwrap()),
-                ..Default::default()
-            },
-            machine: crate::config::MachineFile {
-                memory_mib: Some(64),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
         // The default window: 8 blocks per fault.
-        let config = crate::config::VmConfig::validate(file).unwrap();
-        let m = VmMemory::new(&config).expect("guest-mm with userfaultfd (needs root)");
+        let m = memory_with(64, |_| {});
         m.vm_memory().write_obj(1u8, GuestAddress(0)).unwrap();
         assert_eq!(m.report().unwrap().resident_pages, 8 * 512);
         // The balloon takes all of block 1, then gives back 4 pages, and the guest touches one.
@@ -823,33 +779,17 @@ mod tests {
 
     #[test]
     fn the_strategy_and_release_mode_in_force_are_guest_mms_and_reported() {
-        use crate::config::{
-            BootFile, ConfigFile, MachineFile, MemoryFile, ReclaimStrategy, ReleaseChoice,
-        };
+        use crate::config::{ReclaimStrategy, ReleaseChoice};
         for (thp, strategy, release) in [
             (false, ReclaimStrategy::Scan, ReleaseChoice::Free),
             (false, ReclaimStrategy::Off, ReleaseChoice::Dontneed),
             (true, ReclaimStrategy::Count, ReleaseChoice::Remove),
         ] {
-            let file = ConfigFile {
-                boot: BootFile {
-                    kernel: Some(std::env::current_exe().unwrap()),
-                    ..Default::default()
-                },
-                machine: MachineFile {
-                    memory_mib: Some(64),
-                    ..Default::default()
-                },
-                memory: MemoryFile {
-                    thp: Some(thp),
-                    strategy: Some(strategy),
-                    release: Some(release),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let config = crate::config::VmConfig::validate(file).unwrap();
-            let m = VmMemory::new(&config).expect("guest-mm (needs root)");
+            let m = memory_with(64, |f| {
+                f.memory.thp = Some(thp);
+                f.memory.strategy = Some(strategy);
+                f.memory.release = Some(release);
+            });
             m.vm_memory().write_obj(7u8, GuestAddress(0)).unwrap();
             m.discard(0, 2 << 20).unwrap();
             let r = m.report().unwrap();
