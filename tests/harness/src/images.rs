@@ -50,11 +50,13 @@ pub fn static_ebb() -> Result<PathBuf, RigError> {
 /// The static `ebb-memscan` (tests/harness/src/bin/ebb-memscan.rs) that the side-by-side
 /// benchmark copies into L1, built like [`static_ebb`].
 pub fn static_memscan() -> Result<PathBuf, RigError> {
-    static_build(
-        &["-p", "ebb-harness", "--bin", "ebb-memscan"],
-        "ebb-harness",
-        "ebb-memscan",
-    )
+    static_harness_bin("ebb-memscan")
+}
+
+/// A binary of this crate (`tests/harness/src/bin/NAME.rs`) built static for L1, like
+/// [`static_ebb`].
+pub fn static_harness_bin(name: &str) -> Result<PathBuf, RigError> {
+    static_build(&["-p", "ebb-harness", "--bin", name], "ebb-harness", name)
 }
 
 /// Builds `what` (cargo package arguments) for the static target and returns the path of `bin`.

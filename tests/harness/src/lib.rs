@@ -34,7 +34,10 @@ pub use cpio::CpioWriter;
 pub use ebb_report::{EbbReport, PAGES_PER_2M, ReportError, labelled_fields};
 pub use error::RigError;
 pub use host::{HostVirt, Mode, has_virt_flag, select_mode};
-pub use images::{RigImages, images_dir, l1_shell_lib, static_ebb, static_memscan, workspace_root};
+pub use images::{
+    RigImages, images_dir, l1_shell_lib, static_ebb, static_harness_bin, static_memscan,
+    workspace_root,
+};
 pub use job::{Command, Job, Sampling, sh_quote};
 pub use peer::{PeerJob, PeerOutput};
 pub use protocol::{Meminfo, ProcSample, ResultLine, Transcript, parse_result};

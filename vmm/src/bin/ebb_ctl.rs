@@ -142,8 +142,26 @@ fn parse_reply(reply: &[u8]) -> Option<(u16, &[u8])> {
     }
 }
 
-/// One request; the answer's status and body.
+/// One request; the answer's status and body. A 503 (ebb serves a limited number of connections
+/// at once) is tried again, up to 50 times 100 ms apart.
 fn request(
+    sock: &PathBuf,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, Vec<u8>), Failure> {
+    let mut tries = 0;
+    loop {
+        let answer = request_once(sock, method, path, body)?;
+        tries += 1;
+        if answer.0 != 503 || tries >= 50 {
+            return Ok(answer);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn request_once(
     sock: &PathBuf,
     method: &str,
     path: &str,

@@ -12,10 +12,22 @@ use ebb_harness::{EbbReport, Job, Rig, RunOutput, l1_shell_lib, labelled_fields,
 /// run must show: no `EBB-BALLOON-FAIL` line, ebb's status 0 (the script ends with it and prints
 /// it as `EBB-BALLOON-EBB-STATUS`), and the guest command's status 0. Returns the run and its
 /// whole output.
+#[allow(dead_code)] // each test crate compiles this module; not every test uses every helper
 pub fn run_balloon_script(
     name: &str,
     script: &str,
     env: &[(&str, String)],
+    timeout: Duration,
+) -> (RunOutput, String) {
+    run_balloon_script_with(name, script, env, &[], timeout)
+}
+
+/// [`run_balloon_script`] with more host files copied into the job's directory.
+pub fn run_balloon_script_with(
+    name: &str,
+    script: &str,
+    env: &[(&str, String)],
+    inputs: &[std::path::PathBuf],
     timeout: Duration,
 ) -> (RunOutput, String) {
     let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
@@ -27,6 +39,9 @@ pub fn run_balloon_script(
         .input(&ctl)
         .input(l1_shell_lib())
         .timeout(timeout);
+    for i in inputs {
+        job = job.input(i);
+    }
     for (k, v) in env {
         job = job.env(*k, v.clone());
     }
