@@ -761,3 +761,103 @@ fn hinting_needs_the_feature() {
     ));
     assert!(r.balloon.hinting_status().is_err());
 }
+
+mod raw_props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A descriptor as a hostile driver may write it: any table index, address (mostly near
+    /// guest RAM, sometimes anywhere), length, flags (NEXT, WRITE, INDIRECT and unknown bits)
+    /// and next index.
+    fn raw_desc() -> impl Strategy<Value = (u16, u64, u32, u16, u16)> {
+        (
+            prop_oneof![3 => 0u16..32, 1 => any::<u16>()],
+            // Mostly the buffer area, whose words are frame numbers (see below).
+            prop_oneof![
+                4 => (0u64..64).prop_map(|i| BUF + i * 256),
+                2 => 0u64..RAM + 0x10_0000,
+                1 => any::<u64>(),
+            ],
+            prop_oneof![4 => (0u32..64).prop_map(|n| n * 4), 2 => 0u32..0x40_1000, 1 => any::<u32>()],
+            any::<u16>(),
+            prop_oneof![3 => 0u16..32, 1 => any::<u16>()],
+        )
+    }
+
+    /// One step: descriptors written into queue `q`'s table, heads offered on its avail ring,
+    /// then a notification of queue `notify` (any index, valid or not), and maybe a hinting run.
+    type Step = (usize, Vec<(u16, u64, u32, u16, u16)>, Vec<u16>, usize, bool);
+
+    fn step() -> impl Strategy<Value = Step> {
+        (
+            0usize..5,
+            prop::collection::vec(raw_desc(), 0..8),
+            prop::collection::vec(prop_oneof![3 => 0u16..32, 1 => any::<u16>()], 0..4),
+            0usize..8,
+            prop::bool::weighted(0.1),
+        )
+    }
+
+    /// Cases per run: 128 in the suite; `EBB_FUZZ_CASES=N` for a long run (docs/TESTING.md).
+    fn cases() -> u32 {
+        std::env::var("EBB_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(128)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Arbitrary descriptor tables and avail rings on every queue: no panic, every release
+        /// inside guest RAM and page aligned (the recorder asserts it), no more chains returned
+        /// than offered, and the books of held pages balance.
+        #[test]
+        fn arbitrary_tables_and_rings_on_every_queue(
+            steps in prop::collection::vec(step(), 1..24),
+            words in prop::collection::vec(prop_oneof![3 => 0u32..(RAM / PAGE_SIZE) as u32, 1 => any::<u32>()], 4096),
+        ) {
+            let mem = mem();
+            // The buffer area holds frame numbers, most of them inside guest RAM, and command
+            // ids (2, the first run's, among them).
+            put_pfns(&mem, BUF, &words);
+            mem.write_slice(&2u32.to_le_bytes(), GuestAddress(BUF)).unwrap();
+            let config = BalloonConfig { hinting: true, ..all_features() };
+            let acked = (1 << F_STATS_VQ) | (1 << F_DEFLATE_ON_OOM) | (1 << F_REPORTING)
+                | (1 << F_FREE_PAGE_HINT);
+            let mut r = rig(&mem, config, acked, false);
+            let mut offered = [0u64; 5];
+            for (q, descs, heads, notify, hint) in &steps {
+                let m = &r.queues[*q].mock;
+                for &(idx, addr, len, flags, next) in descs {
+                    // An index past the table is refused by the mock, as the ring would be.
+                    let _ = m.desc_table().store(
+                        idx,
+                        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
+                    );
+                }
+                for &head in heads {
+                    let avail = m.avail();
+                    let i = avail.idx().load();
+                    avail.ring().ref_at(usize::from(i) % usize::from(QUEUE_SIZE)).unwrap().store(head);
+                    avail.idx().store(i.wrapping_add(1));
+                    offered[*q] += 1;
+                }
+                if *hint {
+                    let _ = r.balloon.start_hinting(true);
+                }
+                r.balloon.queue_notify(*notify);
+            }
+            let s = r.balloon.stats();
+            prop_assert_eq!(r.balloon.held_pages(), s.pages_inflated - s.pages_deflated);
+            for (q, dq) in r.queues.iter().enumerate() {
+                let used = u64::from(dq.mock.used().idx().load());
+                prop_assert!(used <= offered[q], "queue {}: {} used of {} offered", q, used, offered[q]);
+            }
+            for &(gpa, len) in r.backend.calls.lock().unwrap().iter() {
+                prop_assert!(gpa + len <= RAM);
+            }
+        }
+    }
+}
