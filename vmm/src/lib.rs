@@ -21,3 +21,15 @@ pub mod preboot;
 pub mod report;
 pub mod terminal;
 pub mod vmm;
+
+/// An error and every cause, on one line (`a: b: c`), as ebb prints and answers them.
+pub fn error_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}

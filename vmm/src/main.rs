@@ -1,23 +1,10 @@
 //! `ebb`: boots a Linux guest on KVM with every guest page tracked in guest-mm.
 
-use ebb::{cli, logger, vmm};
+use ebb::{cli, error_line, logger, vmm};
 
-use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// Prints an error and every cause on one line.
-fn error_line(e: &dyn Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
 
 /// The devices and API endpoints the configuration asks for.
 fn plugins(

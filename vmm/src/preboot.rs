@@ -18,7 +18,7 @@ use crate::api::{
     ApiError, ApiHandler, ApiListener, ApiResponse, ApiServer, NOT_AFTER_START, NOT_BEFORE_START,
     parse_body,
 };
-use crate::config::{BalloonFile, ConfigError, ConfigFile, DEFAULT_CMDLINE, VmConfig};
+use crate::config::{BalloonFile, ConfigFile, DEFAULT_CMDLINE, VmConfig};
 use crate::layout::{MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 
 /// Firecracker's memory size before any `PUT /machine-config`.
@@ -95,6 +95,45 @@ pub struct MachineConfig {
     pub huge_pages: HugePages,
 }
 
+impl MachineConfig {
+    /// The machine `c` describes (ebb has no SMT or dirty tracking, and backs RAM its own way).
+    pub fn of(c: &VmConfig) -> Self {
+        MachineConfig {
+            vcpu_count: c.machine.vcpus,
+            mem_size_mib: c.machine.memory_mib,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+        }
+    }
+}
+
+/// `GET /` (Firecracker's `InstanceInfo`): `state` is "Not started" or "Running".
+pub fn instance_info(state: &str) -> ApiResponse {
+    ApiResponse::ok(serde_json::json!({
+        "id": "anonymous-instance",
+        "state": state,
+        "vmm_version": env!("CARGO_PKG_VERSION"),
+        "app_name": "ebb",
+    }))
+}
+
+/// `GET /vm/config` in Firecracker's file format, from its three parts (ebb has no drives or
+/// network interfaces).
+fn vm_config_view(
+    boot: Option<&BootSource>,
+    machine: &MachineConfig,
+    balloon: Option<&BalloonDevice>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "boot-source": boot,
+        "machine-config": machine,
+        "balloon": balloon,
+        "drives": [],
+        "network-interfaces": [],
+    })
+}
+
 /// `PUT /balloon` (Firecracker's `BalloonDeviceConfig`); also `GET /balloon` before start.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -114,15 +153,16 @@ pub struct BalloonDevice {
     pub free_page_reporting: bool,
 }
 
-/// `PUT /actions` (Firecracker's `InstanceActionInfo`).
+/// `PUT /actions` (Firecracker's `InstanceActionInfo`), before start and after.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Action {
-    action_type: ActionType,
+pub(crate) struct Action {
+    pub action_type: ActionType,
 }
 
+/// Firecracker's actions.
 #[derive(Debug, Deserialize)]
-enum ActionType {
+pub(crate) enum ActionType {
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -337,9 +377,10 @@ impl PreBoot {
                         self.start = Some(c);
                         ApiResponse::no_content()
                     }
-                    Err(e) => {
-                        ApiResponse::fault(&format!("Start microvm error: {}", error_chain(&e)))
-                    }
+                    Err(e) => ApiResponse::fault(&format!(
+                        "Start microvm error: {}",
+                        crate::error_line(&e)
+                    )),
                 }
             }
             ActionType::SendCtrlAltDel | ActionType::FlushMetrics => {
@@ -377,29 +418,19 @@ struct FirecrackerConfig {
 /// `GET /vm/config`: a configuration in Firecracker's file format, which `--config-file` reads
 /// back (ebb's own settings, such as fault-around, are not in it).
 pub fn firecracker_view(c: &VmConfig) -> serde_json::Value {
-    serde_json::json!({
-        "boot-source": BootSource {
-            kernel_image_path: c.boot.kernel.clone(),
-            initrd_path: c.boot.initrd.clone(),
-            boot_args: Some(c.boot.cmdline.clone()),
-        },
-        "machine-config": MachineConfig {
-            vcpu_count: c.machine.vcpus,
-            mem_size_mib: c.machine.memory_mib,
-            smt: false,
-            track_dirty_pages: false,
-            huge_pages: HugePages::None,
-        },
-        "balloon": c.balloon.map(|b| BalloonDevice {
-            amount_mib: u32::try_from(b.target_mib).unwrap_or(u32::MAX),
-            deflate_on_oom: b.deflate_on_oom,
-            stats_polling_interval_s: u16::try_from(b.stats_polling_interval_s).unwrap_or(u16::MAX),
-            free_page_hinting: b.hinting,
-            free_page_reporting: b.reporting,
-        }),
-        "drives": [],
-        "network-interfaces": [],
-    })
+    let boot = BootSource {
+        kernel_image_path: c.boot.kernel.clone(),
+        initrd_path: c.boot.initrd.clone(),
+        boot_args: Some(c.boot.cmdline.clone()),
+    };
+    let balloon = c.balloon.map(|b| BalloonDevice {
+        amount_mib: u32::try_from(b.target_mib).unwrap_or(u32::MAX),
+        deflate_on_oom: b.deflate_on_oom,
+        stats_polling_interval_s: u16::try_from(b.stats_polling_interval_s).unwrap_or(u16::MAX),
+        free_page_hinting: b.hinting,
+        free_page_reporting: b.reporting,
+    });
+    vm_config_view(Some(&boot), &MachineConfig::of(c), balloon.as_ref())
 }
 
 /// Whether `text` is a Firecracker configuration file (it has a `boot-source`) rather than
@@ -444,17 +475,6 @@ pub fn firecracker_config(text: &str) -> Result<ConfigFile, String> {
     p.config_file()
 }
 
-fn error_chain(e: &ConfigError) -> String {
-    let mut s = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 /// The endpoints before start.
 pub struct PreBootApi(pub Arc<Mutex<PreBoot>>);
 
@@ -466,12 +486,7 @@ impl ApiHandler for PreBootApi {
             return ApiResponse::fault(NOT_AFTER_START);
         }
         match (method, path) {
-            ("GET", "/") => ApiResponse::ok(serde_json::json!({
-                "id": "anonymous-instance",
-                "state": "Not started",
-                "vmm_version": env!("CARGO_PKG_VERSION"),
-                "app_name": "ebb",
-            })),
+            ("GET", "/") => instance_info("Not started"),
             ("PUT", "/boot-source") => p.put_boot_source(body),
             ("GET", "/machine-config") => ApiResponse::json(&p.machine),
             ("PUT", "/machine-config") => p.put_machine(body),
@@ -489,13 +504,11 @@ impl ApiHandler for PreBootApi {
             ) => ApiResponse::fault(NOT_BEFORE_START),
             ("PUT", "/actions") => p.action(body),
             ("PUT", "/memory/reclaim") => ApiResponse::fault(NOT_BEFORE_START),
-            ("GET", "/vm/config") => ApiResponse::ok(serde_json::json!({
-                "boot-source": p.boot,
-                "machine-config": p.machine,
-                "balloon": p.balloon,
-                "drives": [],
-                "network-interfaces": [],
-            })),
+            ("GET", "/vm/config") => ApiResponse::ok(vm_config_view(
+                p.boot.as_ref(),
+                &p.machine,
+                p.balloon.as_ref(),
+            )),
             _ => ApiResponse::unknown(method, path),
         }
     }

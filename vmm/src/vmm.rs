@@ -101,14 +101,25 @@ struct StatusHandler {
     extra: Option<Box<dyn ApiHandler>>,
 }
 
+/// A device's part of `GET /memory`: its key and its figures.
+type DeviceFigures = (&'static str, serde_json::Value);
+
 impl StatusHandler {
+    /// The memory report and the devices' part of the figures (`GET /memory`, `/metrics`).
+    fn figures(&mut self) -> Result<(MemoryReport, Option<DeviceFigures>), ApiResponse> {
+        let report = self
+            .memory
+            .report()
+            .map_err(|e| ApiResponse::error(500, &format!("cannot read the figures: {e}")))?;
+        Ok((report, self.extra.as_mut().and_then(|e| e.memory_figures())))
+    }
+
     fn metrics(&mut self) -> ApiResponse {
-        let report = match self.memory.report() {
-            Ok(r) => r,
-            Err(e) => return ApiResponse::error(500, &format!("cannot read the figures: {e}")),
+        let (report, devices) = match self.figures() {
+            Ok(f) => f,
+            Err(refusal) => return refusal,
         };
-        let balloon = self.extra.as_mut().and_then(|e| e.memory_figures());
-        match crate::metrics::render(&report, balloon.as_ref().map(|(_, v)| v)) {
+        match crate::metrics::render(&report, devices.as_ref().map(|(_, v)| v)) {
             Ok(t) => ApiResponse::text(t),
             Err(e) => ApiResponse::error(500, &format!("cannot encode the metrics: {e}")),
         }
@@ -123,34 +134,36 @@ impl StatusHandler {
             return refusal;
         }
         let t = Instant::now();
-        let before = self.memory.report().ok().and_then(|r| r.tracked);
+        // Table bytes only where guest-mm tracks pages (as the report gives them).
+        let tables = self
+            .memory
+            .tracked()
+            .then(|| self.memory.guest_mm().tables());
+        let before = tables.map(|t| t.stats().table_bytes);
         match self.memory.reclaim() {
-            Ok((freed, blocks)) => {
-                let after = self.memory.report().ok().and_then(|r| r.tracked);
-                ApiResponse::ok(serde_json::json!({
-                    "tables_freed": {"pt": freed[0], "pd": freed[1], "pdpt": freed[2], "pml4": freed[3]},
-                    "blocks_emptied": blocks,
-                    "table_bytes_before": before.map(|t| t.table_bytes),
-                    "table_bytes_after": after.map(|t| t.table_bytes),
-                    "min_table_bytes": after.map(|t| t.min_table_bytes),
-                    "ns": u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX),
-                }))
-            }
+            Ok((freed, blocks)) => ApiResponse::ok(serde_json::json!({
+                "tables_freed": {"pt": freed[0], "pd": freed[1], "pdpt": freed[2], "pml4": freed[3]},
+                "blocks_emptied": blocks,
+                "table_bytes_before": before,
+                "table_bytes_after": tables.map(|t| t.stats().table_bytes),
+                "min_table_bytes": tables.map(|t| t.min_table_bytes()),
+                "ns": u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            })),
             Err(e) => ApiResponse::error(500, &format!("the sweep failed: {e}")),
         }
     }
 
     fn memory(&mut self) -> ApiResponse {
-        let report = match self.memory.report() {
-            Ok(r) => r,
-            Err(e) => return ApiResponse::error(500, &format!("cannot read the figures: {e}")),
+        let (report, devices) = match self.figures() {
+            Ok(f) => f,
+            Err(refusal) => return refusal,
         };
         let mut body = serde_json::Map::new();
         body.insert(
             "memory".into(),
             serde_json::to_value(report).unwrap_or_default(),
         );
-        if let Some((key, figures)) = self.extra.as_mut().and_then(|e| e.memory_figures()) {
+        if let Some((key, figures)) = devices {
             body.insert(key.into(), figures);
         }
         ApiResponse::ok(body.into())
@@ -161,12 +174,7 @@ impl ApiHandler for StatusHandler {
     fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> ApiResponse {
         match (method, path) {
             // Firecracker's instance information.
-            ("GET", "/") => ApiResponse::ok(serde_json::json!({
-                "id": "anonymous-instance",
-                "state": "Running",
-                "vmm_version": env!("CARGO_PKG_VERSION"),
-                "app_name": "ebb",
-            })),
+            ("GET", "/") => crate::preboot::instance_info("Running"),
             ("GET", "/vm") => {
                 let report = self.memory.report();
                 ApiResponse::ok(serde_json::json!({
@@ -183,13 +191,9 @@ impl ApiHandler for StatusHandler {
                 ApiResponse::ok(crate::preboot::firecracker_view(&self.config))
             }
             // Firecracker's configuration: readable, no longer changeable.
-            ("GET", "/machine-config") => ApiResponse::json(&crate::preboot::MachineConfig {
-                vcpu_count: self.config.machine.vcpus,
-                mem_size_mib: self.config.machine.memory_mib,
-                smt: false,
-                track_dirty_pages: false,
-                huge_pages: crate::preboot::HugePages::None,
-            }),
+            ("GET", "/machine-config") => {
+                ApiResponse::json(&crate::preboot::MachineConfig::of(&self.config))
+            }
             ("PUT", "/boot-source" | "/machine-config") | ("PATCH", "/machine-config") => {
                 ApiResponse::fault(crate::api::NOT_AFTER_START)
             }
@@ -202,28 +206,18 @@ impl ApiHandler for StatusHandler {
     }
 }
 
-/// `PUT /actions` once the VM runs (Firecracker's rules).
+/// `PUT /actions` once the VM runs (Firecracker's rules; the body is read as before start).
 fn actions(body: &[u8]) -> ApiResponse {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Action {
-        action_type: String,
-    }
-    let a: Action = match crate::api::parse_body(body) {
-        Ok(a) => a,
-        Err(refusal) => return refusal,
-    };
-    match a.action_type.as_str() {
-        "InstanceStart" => ApiResponse::fault(crate::api::NOT_AFTER_START),
+    use crate::preboot::{Action, ActionType};
+    match crate::api::parse_body::<Action>(body).map(|a| a.action_type) {
+        Err(refusal) => refusal,
+        Ok(ActionType::InstanceStart) => ApiResponse::fault(crate::api::NOT_AFTER_START),
         // ebb writes no metrics file, so there is nothing to flush (Firecracker answers the
         // same when none was configured).
-        "FlushMetrics" => ApiResponse::no_content(),
-        "SendCtrlAltDel" => {
+        Ok(ActionType::FlushMetrics) => ApiResponse::no_content(),
+        Ok(ActionType::SendCtrlAltDel) => {
             ApiResponse::fault("ebb's keyboard controller cannot send Ctrl+Alt+Del to the guest.")
         }
-        other => ApiResponse::fault(&format!(
-            "An error occurred when deserializing the json body of a request: unknown variant `{other}`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`."
-        )),
     }
 }
 

@@ -110,36 +110,38 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Serialises a response: a JSON body when there is one (never for 204).
-pub fn render(status: u16, body: Option<&Value>) -> Vec<u8> {
+/// Serialises a response with `body` as (content type, text), if any (never for 204).
+fn render_as(status: u16, body: Option<(&str, &str)>) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nServer: ebb\r\nConnection: close\r\n",
         reason(status)
     );
     match body {
-        Some(b) if status != 204 => {
-            let text = b.to_string();
-            out.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-                text.len()
-            ));
-        }
+        Some((kind, text)) if status != 204 => out.push_str(&format!(
+            "Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )),
         _ if status == 204 => out.push_str("\r\n"),
         _ => out.push_str("Content-Length: 0\r\n\r\n"),
     }
     out.into_bytes()
 }
 
+/// Serialises a response: a JSON body when there is one (never for 204).
+pub fn render(status: u16, body: Option<&Value>) -> Vec<u8> {
+    let text = body.map(Value::to_string);
+    render_as(status, text.as_deref().map(|t| ("application/json", t)))
+}
+
 /// Serialises a response with a plain text body (OpenMetrics text).
 pub fn render_text(status: u16, text: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status} {}\r\nServer: ebb\r\nConnection: close\r\n\
-         Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
-         Content-Length: {}\r\n\r\n{text}",
-        reason(status),
-        text.len()
+    render_as(
+        status,
+        Some((
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        )),
     )
-    .into_bytes()
 }
 
 #[cfg(test)]
