@@ -19,6 +19,12 @@ fn call(h: &mut PreBootApi, method: &str, path: &str, body: &str) -> (u16, serde
     (r.status, r.body.unwrap_or(serde_json::Value::Null))
 }
 
+/// Sends a request that must be carried out (204).
+fn accepted(h: &mut PreBootApi, method: &str, path: &str, body: &str) {
+    let (status, answer) = call(h, method, path, body);
+    assert_eq!(status, 204, "{method} {path} {body}: {answer}");
+}
+
 fn fault(h: &mut PreBootApi, method: &str, path: &str, body: &str) -> String {
     let (status, body) = call(h, method, path, body);
     assert_eq!(status, 400, "{method} {path} {body}");
@@ -41,26 +47,18 @@ fn firecrackers_sequence_configures_and_starts() {
         r#"{{ "kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off" }}"#,
         kernel().display()
     );
-    assert_eq!(call(&mut h, "PUT", "/boot-source", &boot).0, 204);
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/machine-config",
-            r#"{ "vcpu_count": 2, "mem_size_mib": 1024 }"#
-        )
-        .0,
-        204
+    accepted(&mut h, "PUT", "/boot-source", &boot);
+    accepted(
+        &mut h,
+        "PUT",
+        "/machine-config",
+        r#"{ "vcpu_count": 2, "mem_size_mib": 1024 }"#,
     );
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/balloon",
-            r#"{ "amount_mib": 64, "deflate_on_oom": false, "stats_polling_interval_s": 1 }"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PUT",
+        "/balloon",
+        r#"{ "amount_mib": 64, "deflate_on_oom": false, "stats_polling_interval_s": 1 }"#,
     );
     let (s, b) = call(&mut h, "GET", "/balloon", "");
     assert_eq!(s, 200);
@@ -85,15 +83,11 @@ fn firecrackers_sequence_configures_and_starts() {
     ] {
         assert_eq!(fault(&mut h, m, p, body), NOT_BEFORE_START, "{m} {p}");
     }
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/actions",
-            r#"{ "action_type": "InstanceStart" }"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PUT",
+        "/actions",
+        r#"{ "action_type": "InstanceStart" }"#,
     );
     let c = state.lock().unwrap().start.clone().expect("started");
     assert_eq!((c.machine.vcpus, c.machine.memory_mib), (2, 1024));
@@ -124,15 +118,11 @@ fn firecrackers_sequence_configures_and_starts() {
 #[test]
 fn refused_requests_change_nothing() {
     let (mut h, state) = api();
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/machine-config",
-            r#"{"vcpu_count": 2, "mem_size_mib": 512}"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 512}"#,
     );
     let before = call(&mut h, "GET", "/machine-config", "").1;
     for (body, starts) in [
@@ -183,15 +173,11 @@ fn refused_requests_change_nothing() {
         "Empty PATCH request."
     );
     assert_eq!(call(&mut h, "GET", "/machine-config", "").1, before);
-    assert_eq!(
-        call(
-            &mut h,
-            "PATCH",
-            "/machine-config",
-            r#"{"mem_size_mib": 256}"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PATCH",
+        "/machine-config",
+        r#"{"mem_size_mib": 256}"#,
     );
     assert_eq!(
         call(&mut h, "GET", "/machine-config", "").1["mem_size_mib"],
@@ -250,15 +236,11 @@ fn refused_requests_change_nothing() {
     }
     assert!(fault(&mut h, "GET", "/balloon", "").contains("No balloon device found"));
     // A balloon larger than a later machine is refused, and the machine stays.
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/balloon",
-            r#"{"amount_mib": 200, "deflate_on_oom": true}"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 200, "deflate_on_oom": true}"#,
     );
     assert!(
         fault(
@@ -321,16 +303,12 @@ fn the_command_line_fills_what_the_api_leaves_out() {
         (2.into(), 512.into())
     );
     let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel().display());
-    assert_eq!(call(&mut h, "PUT", "/boot-source", &boot).0, 204);
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/actions",
-            r#"{"action_type": "InstanceStart"}"#
-        )
-        .0,
-        204
+    accepted(&mut h, "PUT", "/boot-source", &boot);
+    accepted(
+        &mut h,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
     );
     let c = state.lock().unwrap().start.clone().unwrap();
     assert_eq!(
@@ -396,39 +374,27 @@ fn get_vm_config_reads_back_as_a_config_file() {
         r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 quiet"}}"#,
         kernel().display()
     );
-    assert_eq!(call(&mut h, "PUT", "/boot-source", &boot).0, 204);
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/machine-config",
-            r#"{"vcpu_count": 3, "mem_size_mib": 768}"#
-        )
-        .0,
-        204
+    accepted(&mut h, "PUT", "/boot-source", &boot);
+    accepted(
+        &mut h,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 3, "mem_size_mib": 768}"#,
     );
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/balloon",
-            r#"{"amount_mib": 100, "deflate_on_oom": true, "free_page_reporting": true}"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 100, "deflate_on_oom": true, "free_page_reporting": true}"#,
     );
     let (s, before) = call(&mut h, "GET", "/vm/config", "");
     assert_eq!(s, 200);
     assert_eq!(before["machine-config"]["vcpu_count"], 3);
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/actions",
-            r#"{"action_type": "InstanceStart"}"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
     );
     let started = state.lock().unwrap().start.clone().unwrap();
     // What the running VM answers, fed back as a config file, is the same VM.
@@ -444,17 +410,13 @@ fn free_page_hinting_is_offered_with_inline_notification_only() {
     let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel().display());
     let hinted = r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#;
     let (mut h, state) = api();
-    assert_eq!(call(&mut h, "PUT", "/boot-source", &boot).0, 204);
+    accepted(&mut h, "PUT", "/boot-source", &boot);
     assert_eq!(call(&mut h, "PUT", "/balloon", hinted).0, 204);
-    assert_eq!(
-        call(
-            &mut h,
-            "PUT",
-            "/actions",
-            r#"{"action_type": "InstanceStart"}"#
-        )
-        .0,
-        204
+    accepted(
+        &mut h,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
     );
     assert!(
         state
@@ -478,7 +440,7 @@ fn free_page_hinting_is_offered_with_inline_notification_only() {
     };
     let state = Arc::new(Mutex::new(PreBoot::new(base)));
     let mut h = PreBootApi(state.clone());
-    assert_eq!(call(&mut h, "PUT", "/boot-source", &boot).0, 204);
+    accepted(&mut h, "PUT", "/boot-source", &boot);
     assert_eq!(call(&mut h, "PUT", "/balloon", hinted).0, 204);
     assert!(
         fault(
