@@ -411,7 +411,7 @@ fn free_page_hinting_is_offered_with_inline_notification_only() {
     let hinted = r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#;
     let (mut h, state) = api();
     accepted(&mut h, "PUT", "/boot-source", &boot);
-    assert_eq!(call(&mut h, "PUT", "/balloon", hinted).0, 204);
+    accepted(&mut h, "PUT", "/balloon", hinted);
     accepted(
         &mut h,
         "PUT",
@@ -441,7 +441,7 @@ fn free_page_hinting_is_offered_with_inline_notification_only() {
     let state = Arc::new(Mutex::new(PreBoot::new(base)));
     let mut h = PreBootApi(state.clone());
     accepted(&mut h, "PUT", "/boot-source", &boot);
-    assert_eq!(call(&mut h, "PUT", "/balloon", hinted).0, 204);
+    accepted(&mut h, "PUT", "/balloon", hinted);
     assert!(
         fault(
             &mut h,
