@@ -96,6 +96,7 @@ fn fault_path(len: u64) {
                     handler_threads: 2,
                     fault_around_pages: fa,
                     fill,
+                    thread_start: None,
                 };
                 let mm = make(len, Strategy::Scan, faults);
                 let t = touch(&mm, len, 2, write);
@@ -136,6 +137,7 @@ fn give_back(len: u64) {
             handler_threads: 2,
             fault_around_pages: 16,
             fill: FillMode::default(),
+            thread_start: None,
         };
         let pte0 = status_kb("VmPTE");
         let mm = make(len, strategy, faults);

@@ -147,6 +147,7 @@ fn fault_around_fills_windows_and_falls_back() {
             handler_threads: 2,
             fault_around_pages: 16,
             fill,
+            thread_start: None,
         };
         let mm =
             Arc::new(GuestMm::new(&layout, Strategy::Scan, ReleaseMode::DontNeed, faults).unwrap());
@@ -463,4 +464,56 @@ fn without_fault_path_discard_releases_what_is_asked() {
         .unwrap();
     // The page just read back is resident again (zero page); the other seven are gone.
     assert_eq!(res.iter().filter(|r| *r & 1 == 1).count(), 2);
+}
+
+#[test]
+fn every_handler_runs_the_start_hook_first_and_a_failing_hook_stops_new() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    fn count() -> std::io::Result<()> {
+        STARTED.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn refuse() -> std::io::Result<()> {
+        Err(std::io::Error::other("no filter for you"))
+    }
+    let region = |gpa, len| RegionSpec {
+        gpa,
+        len,
+        backing: BackingSpec::Anonymous { thp: false },
+    };
+    let faults = FaultConfig {
+        handler_threads: 3,
+        thread_start: Some(count),
+        ..FaultConfig::default()
+    };
+    let mm = Arc::new(
+        GuestMm::new(
+            &[region(0, 4 * MIB)],
+            Strategy::Scan,
+            ReleaseMode::DontNeed,
+            faults,
+        )
+        .unwrap(),
+    );
+    // new returned only after every handler ran the hook, and the fault path works after it.
+    assert_eq!(STARTED.load(Ordering::SeqCst), 3);
+    touch_all(&mm, 0, 16, 2, 7);
+    assert_eq!(assert_exact(&mm, gpa_range(0, 4 * MIB).unwrap()), 16);
+    drop(mm);
+    let faults = FaultConfig {
+        thread_start: Some(refuse),
+        ..FaultConfig::default()
+    };
+    let err = GuestMm::new(
+        &[region(0, 4 * MIB)],
+        Strategy::Scan,
+        ReleaseMode::DontNeed,
+        faults,
+    )
+    .err()
+    .expect("a failing start hook fails new");
+    assert!(matches!(err, ManagerError::Handlers(_)), "{err:?}");
+    let text = format!("{:?}", std::error::Error::source(&err));
+    assert!(text.contains("no filter for you"), "{text}");
 }

@@ -33,6 +33,7 @@ fn round(strategy: Strategy, release: ReleaseMode, backing: BackingSpec, fa: u32
         } else {
             FillMode::AlwaysCopy
         },
+        thread_start: None,
     };
     let mm = Arc::new(GuestMm::new(&layout, strategy, release, faults).unwrap());
     let stop = Arc::new(AtomicBool::new(false));

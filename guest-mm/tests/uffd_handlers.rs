@@ -77,7 +77,7 @@ fn handlers_resolve_defer_retry_and_see_removes() {
         zero: vec![0; PAGE as usize],
     });
     let ctl = Arc::new(HandlerControl::new(2).unwrap());
-    let handlers = FaultHandlers::start(uffd.clone(), ctl.clone(), resolver.clone()).unwrap();
+    let handlers = FaultHandlers::start(uffd.clone(), ctl.clone(), resolver.clone(), None).unwrap();
 
     let t0 = Instant::now();
     let touchers: Vec<_> = (0..4u64)

@@ -86,7 +86,7 @@ pub enum FillMode {
 }
 
 /// The userfaultfd fault path's configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct FaultConfig {
     /// Handler threads; 0 disables the fault path (no userfaultfd: pages are not tracked as
     /// leaves, and discards release what they are asked to, plus, with an eager release
@@ -101,6 +101,9 @@ pub struct FaultConfig {
     pub fault_around_pages: u32,
     /// Which ioctl fills a fault.
     pub fill: FillMode,
+    /// Run first on every handler thread, before it serves a fault (a host installs its
+    /// syscall filter there); an error stops [`GuestMm::new`].
+    pub thread_start: Option<fn() -> std::io::Result<()>>,
 }
 
 impl Default for FaultConfig {
@@ -109,6 +112,7 @@ impl Default for FaultConfig {
             handler_threads: 2,
             fault_around_pages: 1,
             fill: FillMode::default(),
+            thread_start: None,
         }
     }
 }
@@ -423,9 +427,10 @@ impl GuestMm {
             counters: Counters::default(),
         });
         let handlers = match (uffd, control) {
-            (Some(u), Some(c)) => {
-                Some(FaultHandlers::start(u, c, inner.clone()).map_err(ManagerError::Handlers)?)
-            }
+            (Some(u), Some(c)) => Some(
+                FaultHandlers::start(u, c, inner.clone(), faults.thread_start)
+                    .map_err(ManagerError::Handlers)?,
+            ),
             _ => None,
         };
         log::info!(

@@ -478,6 +478,8 @@ impl Waiter {
 }
 
 mod uffd;
+/// The userfaultfd ioctls of a running fault path.
+pub use uffd::RUNTIME_IOCTLS as UFFD_RUNTIME_IOCTLS;
 pub use uffd::{
     UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_MISSING_SHMEM,
     UFFD_PAGEFAULT_FLAG_WRITE, UffdIoError, UffdMsg, Userfaultfd,

@@ -25,6 +25,10 @@ const UFFDIO_WAKE: libc::c_ulong = ioc(IOC_READ, 0x02, size_of::<UffdioRange>())
 const UFFDIO_COPY: libc::c_ulong = ioc(IOC_RW, 0x03, size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: libc::c_ulong = ioc(IOC_RW, 0x04, size_of::<UffdioZeropage>());
 
+/// The userfaultfd ioctls a running fault path makes (fills and wake-ups, from the handler
+/// threads and from whoever discards); a syscall filter for those threads allows these.
+pub const RUNTIME_IOCTLS: [libc::c_ulong; 3] = [UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE];
+
 /// Event: a thread faulted on a missing page.
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// Event: pages of a registered range were removed (madvise DONTNEED/FREE/REMOVE).

@@ -104,6 +104,15 @@ pub enum HandlerError {
         #[source]
         source: io::Error,
     },
+    /// A thread's start hook failed.
+    #[error("fault handler thread {index} could not start")]
+    ThreadStart {
+        /// Which thread.
+        index: usize,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// State shared between the handler threads and whoever discards: wake-ups, the retry queue,
@@ -210,23 +219,50 @@ pub struct FaultHandlers {
 }
 
 impl FaultHandlers {
-    /// Starts one handler thread per sequence slot of `control`, all reading `uffd`.
+    /// Starts one handler thread per sequence slot of `control`, all reading `uffd`. Each
+    /// runs `thread_start` first, and this returns once every thread has run it (the first
+    /// error stops them all).
     pub fn start<R: FaultResolver>(
         uffd: Arc<Userfaultfd>,
         control: Arc<HandlerControl>,
         resolver: Arc<R>,
+        thread_start: Option<fn() -> io::Result<()>>,
     ) -> Result<Self, HandlerError> {
         let mut me = Self {
             control: control.clone(),
             threads: Vec::new(),
         };
+        let (started_tx, started) = std::sync::mpsc::channel();
         for index in 0..control.seqs.len() {
             let (u, c, r) = (uffd.clone(), control.clone(), resolver.clone());
+            let tx = started_tx.clone();
             let t = thread::Builder::new()
                 .name(format!("ebb-uffd-{index}"))
-                .spawn(move || handler::run(index, &u, &c, &*r))
+                .spawn(move || {
+                    let ready = thread_start.map_or(Ok(()), |f| f());
+                    let ok = ready.is_ok();
+                    let _ = tx.send((index, ready));
+                    if ok {
+                        handler::run(index, &u, &c, &*r);
+                    }
+                })
                 .map_err(|source| HandlerError::Spawn { index, source })?;
             me.threads.push(t);
+        }
+        drop(started_tx);
+        for _ in 0..me.threads.len() {
+            match started.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((index, Err(source))) => {
+                    return Err(HandlerError::ThreadStart { index, source });
+                }
+                Err(_) => {
+                    return Err(HandlerError::ThreadStart {
+                        index: 0,
+                        source: io::Error::other("a handler thread ended before it started"),
+                    });
+                }
+            }
         }
         Ok(me)
     }
