@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! ebb-guest touch     --mib N [--thp never|always|default] [--hold-secs S]
-//! ebb-guest churn     --mib N [--mode chunk|scattered] [--chunk-kib K] [--ops N | --secs S] [--seed X]
+//! ebb-guest churn     --mib N [--mode chunk|scattered] [--chunk-kib K] [--ops N | --secs S | --wait-signal] [--seed X]
 //! ebb-guest hog       --mib N [--hold-secs S] [--release munmap|dontneed] [--after-secs S] [--wait-console]
 //! ebb-guest integrity --mib N [--passes P] [--hold-secs S] [--churn-mib M --churn-secs S] [--wait-signal] [--wait-console]
 //! ebb-guest wait-line                     (wait for a line on the console, print EBB-GUEST-LINE <line>)

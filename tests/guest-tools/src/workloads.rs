@@ -170,12 +170,14 @@ pub fn churn_scattered(
     Ok(st)
 }
 
-/// `churn --mib N [--mode chunk|scattered] [--chunk-kib K] [--ops N | --secs S] [--seed X]`.
+/// `churn --mib N [--mode chunk|scattered] [--chunk-kib K] [--ops N | --secs S | --wait-signal]
+/// [--seed X]`. With `--wait-signal` it runs until SIGUSR1, SIGTERM or SIGINT, then prints its
+/// result as usual: how a host-driven run (the stress run) ends it without a time limit.
 pub fn churn(argv: &[String]) -> Result<i32, ToolError> {
     let a = Args::parse(
         argv,
         &["mib", "mode", "chunk-kib", "ops", "secs", "seed", "thp"],
-        &[],
+        &["wait-signal"],
     )?;
     let mib = mib_arg(&a, "mib", 512)?;
     let mode = a.get_str("mode").unwrap_or("chunk").to_string();
@@ -193,11 +195,25 @@ pub fn churn(argv: &[String]) -> Result<i32, ToolError> {
         100_000
     };
     let ops: u64 = a.get("ops", default_ops)?;
+    let until_signal = a.flag("wait-signal");
+    if until_signal {
+        if secs > 0 || a.get_str("ops").is_some() {
+            return Err(ToolError::Invalid(
+                "--wait-signal goes without --ops and --secs".into(),
+            ));
+        }
+        signal::install();
+    }
     let mut m = Mapping::new(mib * MIB, thp_arg(&a)?)?;
     let deadline = (secs > 0).then(|| Instant::now() + Duration::from_secs(secs));
-    let stop = |done: u64| match deadline {
-        Some(d) => done.is_multiple_of(16) && Instant::now() >= d,
-        None => done >= ops,
+    let stop = |done: u64| {
+        if until_signal {
+            signal::requested()
+        } else if let Some(d) = deadline {
+            done.is_multiple_of(16) && Instant::now() >= d
+        } else {
+            done >= ops
+        }
     };
     let st = match mode.as_str() {
         "chunk" => churn_chunks(&mut m, chunk_kib * 1024, stop)?,
@@ -297,6 +313,22 @@ mod tests {
         let mut m = Mapping::new(4 * MIB, Thp::Never).unwrap();
         let st = churn_scattered(&mut m, &mut XorShift::new(7), |n| n >= 500).unwrap();
         assert_eq!((st.ops, st.pages, st.nonzero), (500, 500, 0));
+    }
+
+    #[test]
+    fn churn_until_signal_runs_until_sigusr1_and_reports() {
+        // The handler first, so that the signal never meets the default action (termination).
+        signal::install();
+        let run = std::thread::spawn(|| {
+            let argv = ["--mib", "4", "--chunk-kib", "64", "--wait-signal"].map(String::from);
+            churn(&argv)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: kill(2) on this process with a signal whose handler is installed above.
+        assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) }, 0);
+        assert_eq!(run.join().unwrap().unwrap(), 0);
+        let both = ["--mib", "4", "--secs", "1", "--wait-signal"].map(String::from);
+        assert!(matches!(churn(&both), Err(ToolError::Invalid(_))));
     }
 
     #[test]
