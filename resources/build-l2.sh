@@ -2,7 +2,7 @@
 # Builds the guest kernel files and the L2 guest initramfs from the pinned packages:
 #   images/bzImage, images/vmlinux, images/modules/*.ko (decompressed), images/l2-initramfs.cpio
 # Usage: build-l2.sh GUEST_TOOLS_BINARY
-# Skips all work when the inputs (pins, scripts, guest tools binary) are unchanged.
+# Skips all work when the inputs (pins, scripts, guest tools binary and script) are unchanged.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need_tool dpkg-deb xz zstd cpio readelf sha256sum
@@ -14,7 +14,9 @@ if readelf -l "$GUEST_TOOLS" | grep 'program interpreter' >/dev/null; then
 fi
 
 STAMP="$OUT_DIR/l2.stamp"
-stamp="$(stamp_of "$RESOLVED_FILE" "$RES_DIR/lib.sh" "$0" "$RES_DIR/init-l2.sh" "$GUEST_TOOLS")"
+STRESS_GUEST="$REPO_DIR/tests/guest-tools/stress-guest.sh"
+stamp="$(stamp_of "$RESOLVED_FILE" "$RES_DIR/lib.sh" "$0" "$RES_DIR/init-l2.sh" "$GUEST_TOOLS" \
+    "$STRESS_GUEST")"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$stamp" && -f "$OUT_DIR/l2-initramfs.cpio" &&
     -f "$OUT_DIR/bzImage" && -f "$OUT_DIR/vmlinux" ]]; then
     log "L2 images up to date"
@@ -89,11 +91,12 @@ mkdir -p "$ROOT/usr/bin"
 cp "$STAGE/userland/usr/bin/stress-ng" "$ROOT/usr/bin/stress-ng"
 copy_with_libs "$STAGE/userland" "$STAGE/userland/usr/bin/stress-ng" "$ROOT"
 strip -o "$ROOT/bin/ebb-guest" "$GUEST_TOOLS" 2>/dev/null || cp "$GUEST_TOOLS" "$ROOT/bin/ebb-guest"
+cp "$STRESS_GUEST" "$ROOT/bin/ebb-stress-guest"
 for m in virtio_mmio virtio_balloon; do
     [[ ! -f "$OUT_DIR/modules/$m.ko" ]] || cp "$OUT_DIR/modules/$m.ko" "$ROOT/lib/modules/"
 done
 cp "$RES_DIR/init-l2.sh" "$ROOT/init"
-chmod 755 "$ROOT/init" "$ROOT/bin/ebb-guest"
+chmod 755 "$ROOT/init" "$ROOT/bin/ebb-guest" "$ROOT/bin/ebb-stress-guest"
 
 {
     cpio_dev_archive
