@@ -23,6 +23,7 @@ pub fn run_balloon_script(
 }
 
 /// [`run_balloon_script`] with more host files copied into the job's directory.
+#[allow(dead_code)]
 pub fn run_balloon_script_with(
     name: &str,
     script: &str,
@@ -31,6 +32,18 @@ pub fn run_balloon_script_with(
     timeout: Duration,
 ) -> (RunOutput, String) {
     let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
+    run_balloon_script_on(&rig, name, script, env, inputs, timeout)
+}
+
+/// [`run_balloon_script_with`] on a rig the caller configured.
+pub fn run_balloon_script_on(
+    rig: &Rig,
+    name: &str,
+    script: &str,
+    env: &[(&str, String)],
+    inputs: &[std::path::PathBuf],
+    timeout: Duration,
+) -> (RunOutput, String) {
     let ebb = static_ebb().unwrap_or_else(|e| panic!("{e}"));
     let ctl = ebb.with_file_name("ebb-ctl");
     assert!(ctl.exists(), "{} missing", ctl.display());
@@ -49,7 +62,10 @@ pub fn run_balloon_script_with(
         .run_with(&job, &rig.ebb_reruns(name))
         .unwrap_or_else(|e| panic!("rig run failed: {e}"));
     let text = out.output_text();
-    assert!(!text.contains("EBB-BALLOON-FAIL"), "{text}");
+    // The script's own failure line first: it says what failed, and where.
+    if let Some(line) = text.lines().find(|l| l.contains("EBB-BALLOON-FAIL")) {
+        panic!("{line}\n{text}");
+    }
     assert_eq!(out.status, 0, "ebb exit status:\n{text}");
     assert!(
         text.contains("EBB-BALLOON-EBB-STATUS 0"),
