@@ -1,5 +1,6 @@
-//! Command-line parsing; every flag maps to a field of the one configuration type
-//! ([`ConfigFile`]: sections boot, machine, memory, balloon).
+//! Command-line parsing; every flag but the seccomp ones maps to a field of the one
+//! configuration type ([`ConfigFile`]: sections boot, machine, memory, balloon). Seccomp is the
+//! process's own setting, not the VM's, so it is a flag only (as in Firecracker).
 
 use std::path::PathBuf;
 
@@ -109,9 +110,26 @@ pub struct Cli {
     /// Offer free page hinting (runs started over the API; needs --queue-notify vcpu).
     #[arg(long = "balloon-hinting")]
     pub balloon_hinting: bool,
+    /// Seccomp filters on ebb's threads, one allowlist per kind of thread (docs/SECURITY.md):
+    /// on (a syscall outside a thread's list stops ebb with a message), off, or log (allowed,
+    /// and written to the kernel log: for finding what a new code path needs).
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// No seccomp filters (--seccomp off), for debugging.
+    #[arg(long = "no-seccomp", conflicts_with = "seccomp")]
+    pub no_seccomp: bool,
 }
 
 impl Cli {
+    /// The seccomp mode the flags ask for.
+    pub fn seccomp_mode(&self) -> crate::seccomp::SeccompMode {
+        if self.no_seccomp {
+            crate::seccomp::SeccompMode::Off
+        } else {
+            self.seccomp
+        }
+    }
+
     /// Merges the config file (if any) with the flags and validates the result.
     pub fn into_config(self) -> Result<VmConfig, ConfigError> {
         VmConfig::validate(self.into_file()?)
@@ -236,6 +254,25 @@ mod tests {
         let c = Cli::try_parse_from(["ebb", "--kernel", k, "--balloon-reporting"]).unwrap();
         assert!(c.into_config().is_err(), "balloon options need --balloon");
         assert!(Cli::try_parse_from(["ebb", "--balloon-stats-s", "-1"]).is_err());
+    }
+
+    #[test]
+    fn seccomp_flags_parse() {
+        use crate::seccomp::SeccompMode;
+        let mode = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("ebb").chain(args.iter().copied()))
+                .map(|c| c.seccomp_mode())
+        };
+        assert_eq!(
+            mode(&[]).unwrap(),
+            SeccompMode::On,
+            "filters are on by default"
+        );
+        assert_eq!(mode(&["--no-seccomp"]).unwrap(), SeccompMode::Off);
+        assert_eq!(mode(&["--seccomp", "off"]).unwrap(), SeccompMode::Off);
+        assert_eq!(mode(&["--seccomp", "log"]).unwrap(), SeccompMode::Log);
+        assert!(mode(&["--seccomp", "maybe"]).is_err());
+        assert!(mode(&["--no-seccomp", "--seccomp", "on"]).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod preboot;
 pub mod report;
+pub mod seccomp;
 pub mod terminal;
 pub mod vmm;
 

@@ -50,6 +50,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = ebb::seccomp::init(cli.seccomp_mode()) {
+        eprintln!("ebb: {}", error_line(&e));
+        return ExitCode::from(1);
+    }
     let file = match cli.into_file() {
         Ok(f) => f,
         Err(e) => {

@@ -202,6 +202,7 @@ impl VmMemory {
             },
             fault_around_pages: config.memory.fault_around,
             fill: FillMode::default(),
+            thread_start: Some(crate::seccomp::install_fault_handler),
         };
         // The configuration chose both (VmConfig::validate checked the mode against the
         // backing).

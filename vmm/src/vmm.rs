@@ -359,15 +359,37 @@ pub fn run(
         manager.add_subscriber(Box::new(ApiServer::serve(sock, Box::new(handler))));
     }
 
+    // Every vCPU thread installs its filter, then waits for this thread to install its own:
+    // no guest code runs before every thread is filtered.
     let mut handles = Vec::new();
+    let mut go = Vec::new();
     for v in vcpus {
-        match v.spawn() {
-            Ok(h) => handles.push(h),
+        let (tx, rx) = std::sync::mpsc::channel();
+        match v.spawn(rx) {
+            Ok(h) => {
+                handles.push(h);
+                go.push(tx);
+            }
             Err(e) => {
                 control.request_stop(ExitReason::HostError(format!("cannot start vCPU: {e}")));
                 break;
             }
         }
+    }
+    let filtered = crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop, 0);
+    match &filtered {
+        Err(e) => control.request_stop(ExitReason::HostError(e.to_string())),
+        Ok(()) => match crate::seccomp::mode() {
+            crate::seccomp::SeccompMode::Off => log::info!("seccomp filters off"),
+            crate::seccomp::SeccompMode::Log => {
+                log::warn!("seccomp filters in log mode: calls outside the lists are only logged")
+            }
+            crate::seccomp::SeccompMode::On => log::info!("seccomp filters on every thread"),
+        },
+    }
+    for tx in go {
+        // A vCPU whose thread already ended (its filter failed) is not waiting.
+        let _ = tx.send(filtered.is_ok());
     }
 
     let mut panic_since: Option<Instant> = None;

@@ -72,12 +72,27 @@ impl Vcpu {
         }
     }
 
-    /// Starts the vCPU on its own thread.
-    pub fn spawn(mut self) -> std::io::Result<JoinHandle<VcpuStats>> {
+    /// Starts the vCPU on its own thread. The thread installs its seccomp filter, then waits
+    /// for `go` (sent once the event loop's own filter is in: true to run) before it enters
+    /// the guest; a filter that cannot be installed stops the VM.
+    pub fn spawn(
+        mut self,
+        go: std::sync::mpsc::Receiver<bool>,
+    ) -> std::io::Result<JoinHandle<VcpuStats>> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
-                self.run();
+                let kind = crate::seccomp::ThreadKind::Vcpu;
+                match crate::seccomp::install(kind, self.index as usize) {
+                    Ok(()) => {
+                        if go.recv() == Ok(true) {
+                            self.run();
+                        }
+                    }
+                    Err(e) => self
+                        .control
+                        .request_stop(ExitReason::HostError(e.to_string())),
+                }
                 self.stats
             })
     }

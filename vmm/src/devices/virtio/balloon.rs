@@ -189,15 +189,22 @@ pub fn build(
 
 /// Starts a thread that asks the guest for fresh statistics every `interval` seconds (read at
 /// every tick, so `PATCH /balloon/statistics` changes it); it ends on its own once the balloon
-/// is dropped.
+/// is dropped. Returns once the thread has installed its seccomp filter.
 pub fn spawn_stats_poller(
     shared: &SharedBalloon,
     interval: Arc<AtomicU32>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let weak: Weak<Mutex<Balloon>> = Arc::downgrade(shared);
-    std::thread::Builder::new()
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
         .name("balloon-stats".into())
         .spawn(move || {
+            let filtered = crate::seccomp::install(crate::seccomp::ThreadKind::Stats, 0);
+            let ok = filtered.is_ok();
+            let _ = ready_tx.send(filtered);
+            if !ok {
+                return;
+            }
             let mut last = Instant::now();
             loop {
                 let every = Duration::from_secs(u64::from(interval.load(Ordering::Relaxed)));
@@ -212,7 +219,14 @@ pub fn spawn_stats_poller(
                     lock(&b).request_stats();
                 }
             }
-        })
+        })?;
+    match ready.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(std::io::Error::other(
+            "the statistics thread ended before it started",
+        )),
+    }
 }
 
 /// Body of `PATCH /balloon` (Firecracker's `BalloonUpdateConfig`).
