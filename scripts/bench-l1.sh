@@ -5,13 +5,24 @@
 # tests/harness/src/bin/ebb-bench.rs (scripts/bench-tables.sh), which reads the lines below.
 #
 # Settings (environment):
-#   BENCH_ORDER      the VMMs in the order they run (default "ebb qemu")
+#   BENCH_ORDER      what runs, in order (default "ebb qemu"): ebb, qemu, or ebb:LABEL, an ebb
+#                    variant whose own flags are in BENCH_VARIANTS
+#   BENCH_VARIANTS   the variants, "LABEL FLAGS...;LABEL FLAGS...;..." (ebb-bench --variants)
 #   BENCH_REPORTING  free page reporting, on or off (default on)
-#   BENCH_EBB_FLAGS  more ebb flags (e.g. --zap-kvm-tables-after 64)
+#   BENCH_EBB_FLAGS  more ebb flags for every ebb run (e.g. --zap-kvm-tables-after 64)
 #   BENCH_SAMPLE_MS  the periodic sampling interval (default 500)
-#   BENCH_BALLOON_MIB the balloon's size when inflated (default 768)
+#   BENCH_MEMORY_MIB BENCH_TOUCH_MIB BENCH_WS_MIB BENCH_BALLOON_MIB BENCH_RETOUCH_MIB
+#                    the guest's RAM (default 1024), the first touch (600), the working set (32),
+#                    the balloon's size when inflated (768) and the last touch (512)
 #
-# The scenario (the guest holds each step's memory until the script tells it to go on):
+# A variant whose guest meets a rig fault (ebb exits 3 "triple-faulted" or 4 "internal error,
+# suberror 3", or the guest prints "Oops: int3"; docs/ARCHITECTURE.md, "Known flakiness") runs
+# again, at most twice, after an EBB-BENCH-RIG-FAULT line; its earlier attempt's lines do not
+# count. A variant that fails does not stop the ones after it. (Plain ebb and qemu runs leave
+# re-runs to the caller: the first failure ends the job.)
+#
+# The scenario (the guest holds each step's memory until the script tells it to go on; the sizes
+# are the defaults):
 #   touched     the guest has touched 600 MiB and holds it
 #   freed       the guest freed it (the process exited) and the VMM's VmRSS settled
 #   ws          the guest holds a 32 MiB working set of checksummed pages
@@ -31,6 +42,8 @@
 #   EBB-RIG-SAMPLE label=periodic ...      every BENCH_SAMPLE_MS while a VMM runs
 #   EBB-BENCH-FAIL vmm=V why               a step that did not happen; the VMM is stopped
 #   EBB-BENCH-STATUS vmm=V status=N        the VMM's exit status
+#   EBB-BENCH-RIG-FAULT vmm=V attempt=N fault=WHAT   a variant's rig fault; it runs again
+#                                          (V is the variant's LABEL for ebb:LABEL)
 #   [V] ...                                each VMM's console, after it ended
 # Exit status: the first non-zero VMM status (ebb's 3 and 4 and the peer's failures are rig
 # faults the caller re-runs), else 1 after an EBB-BENCH-FAIL, else 0.
@@ -41,7 +54,8 @@ Q=/tmp/bench-qmp.sock
 ORDER=${BENCH_ORDER:-ebb qemu}
 REPORTING=${BENCH_REPORTING:-on}
 SAMPLE_MS=${BENCH_SAMPLE_MS:-500}
-MEM_MIB=1024 TOUCH_MIB=600 WS_MIB=32 RETOUCH_MIB=512
+MEM_MIB=${BENCH_MEMORY_MIB:-1024} TOUCH_MIB=${BENCH_TOUCH_MIB:-600} WS_MIB=${BENCH_WS_MIB:-32}
+RETOUCH_MIB=${BENCH_RETOUCH_MIB:-512}
 # The balloon leaves the guest 256 MiB. Next to a 128 MiB working set that did not fit (the QEMU
 # peer's guest gave at most 715 MiB in 300 s), so the working set is 32 MiB: enough pages to time
 # their re-faults after KVM's tables were dropped.
@@ -55,16 +69,17 @@ G="$G && ebb-guest hog --mib $RETOUCH_MIB --hold-secs 0 --wait-console"
 # ---- How the bench speaks to each VMM: start it, its process, its balloon, its own figures. ----
 # ebb's API is used only here.
 
-# Starts VMM $V with the guest command $G; sets pid (the process to wait for), vpid (the VMM's
-# process, sampled) and OUT (its console); fd 3 is the guest's console input (tell_guest).
+# Starts VMM $KIND (ebb or qemu; ebb with the variant's flags $VFLAGS) with the guest command
+# $G; sets pid (the process to wait for), vpid (the VMM's process, sampled) and OUT (its console);
+# fd 3 is the guest's console input (tell_guest).
 vmm_start() {
     OUT=/tmp/bench-$V.out
-    case "$V" in
+    case "$KIND" in
         ebb)
             _r=""
             [ "$REPORTING" = on ] && _r=--balloon-reporting
-            # shellcheck disable=SC2086 # BENCH_EBB_FLAGS is a list of flags
-            EBB_VCPUS=1 EBB_MEMORY_MIB=$MEM_MIB start_ebb "$G" --balloon $_r ${BENCH_EBB_FLAGS:-}
+            # shellcheck disable=SC2086 # BENCH_EBB_FLAGS and VFLAGS are lists of flags
+            EBB_VCPUS=1 EBB_MEMORY_MIB=$MEM_MIB start_ebb "$G" --balloon $_r ${BENCH_EBB_FLAGS:-} $VFLAGS
             vpid=$pid
             ;;
         qemu)
@@ -88,7 +103,7 @@ vmm_start() {
 
 # Sets the balloon's target to $1 MiB.
 balloon_set() {
-    case "$V" in
+    case "$KIND" in
         ebb) "$CTL" --api-sock "$S" balloon set "${1}MiB" >/dev/null ;;
         qemu)
             ebb-guest qmp --socket "$Q" -- \
@@ -99,7 +114,7 @@ balloon_set() {
 
 # The balloon's size as the guest's driver last reported it, in MiB (empty if unknown).
 balloon_mib() {
-    case "$V" in
+    case "$KIND" in
         ebb) "$CTL" --api-sock "$S" GET /memory | num actual_mib ;;
         qemu)
             _a=$(ebb-guest qmp --socket "$Q" -- '{"execute":"query-balloon"}' 2>/dev/null |
@@ -112,7 +127,7 @@ balloon_mib() {
 # The VMM's own figures as key=value (ebb: its table bytes and their minimum, resident pages, its
 # longest balloon notification and KVM table zaps; the peer gives none). Absent keys stay out.
 own_figures() {
-    [ "$V" = ebb ] || return 0
+    [ "$KIND" = ebb ] || return 0
     _vm=$("$CTL" --api-sock "$S" GET /vm) || return 0
     _b=$("$CTL" --api-sock "$S" GET /memory) || _b=""
     _f=""
@@ -269,10 +284,28 @@ scenario() {
     tell_guest free
 }
 
-status=0
-for V in $ORDER; do
-    [ $status -eq 0 ] && [ $failed -eq 0 ] || break
-    pid="" vpid="" spid=""
+# The flags of variant $1 in BENCH_VARIANTS (empty if there is no such variant).
+variant_flags() {
+    echo "${BENCH_VARIANTS:-}" | tr ';' '\n' | while read -r _l _f; do
+        [ "$_l" = "$1" ] && echo "$_f --"
+    done | head -n 1
+}
+
+# The rig fault of ebb's guest that the last run's console shows, if any (as the harness's
+# RigFault names them).
+rig_fault() {
+    if [ "$st" -eq 3 ] && grep -q "triple-faulted" "$OUT"; then
+        echo "L2 triple fault under ebb"
+    elif [ "$st" -eq 4 ] && grep -q "internal error, suberror 3" "$OUT"; then
+        echo "KVM internal error (suberror 3) under ebb"
+    elif grep -q "Oops: int3" "$OUT"; then
+        echo "L2 guest kernel int3 oops"
+    fi
+}
+
+# Runs the scenario once for $V and waits for the VMM; sets st (its exit status).
+run_once() {
+    failed=0 pid="" vpid="" spid=""
     scenario
     exec 3>&-
     # A guest that has not powered off within 120 s is stopped.
@@ -287,7 +320,37 @@ for V in $ORDER; do
     [ -n "$spid" ] && kill "$spid" 2>/dev/null
     echo "EBB-BENCH-STATUS vmm=$V status=$st"
     sed "s/^/[$V] /" "$OUT"
+}
+
+status=0 anyfail=0
+for item in $ORDER; do
+    case "$item" in
+        ebb:*)
+            V=${item#ebb:} KIND=ebb tries=3
+            VFLAGS=$(variant_flags "$V")
+            if [ -z "$VFLAGS" ]; then
+                echo "EBB-BENCH-FAIL vmm=$V no such variant in BENCH_VARIANTS"
+                anyfail=1
+                continue
+            fi
+            VFLAGS=${VFLAGS% --}
+            ;;
+        *)
+            [ $status -eq 0 ] && [ $anyfail -eq 0 ] || break
+            V=$item KIND=$item VFLAGS="" tries=1
+            ;;
+    esac
+    attempt=1
+    while :; do
+        run_once
+        _f=""
+        [ "$KIND" = ebb ] && _f=$(rig_fault)
+        [ -n "$_f" ] && [ $attempt -lt $tries ] || break
+        echo "EBB-BENCH-RIG-FAULT vmm=$V attempt=$attempt fault=$_f"
+        attempt=$((attempt + 1))
+    done
+    [ $failed -ne 0 ] && anyfail=1
     [ "$st" -ne 0 ] && [ $status -eq 0 ] && status=$st
 done
-[ $status -eq 0 ] && [ $failed -ne 0 ] && status=1
+[ $status -eq 0 ] && [ $anyfail -ne 0 ] && status=1
 exit "$status"

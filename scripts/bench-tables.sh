@@ -11,7 +11,13 @@
 # picture in tests/harness/src/bin/ebb-bench.rs.
 #
 #   scripts/bench-tables.sh [--rounds N] [--reporting on|off|both] [--ebb-flags "FLAGS"] [--docs]
+#   scripts/bench-tables.sh --variants [all|LABEL,...] [--rounds N] [--memory-mib M ...] [--docs]
 #   scripts/bench-tables.sh --from target/bench/<time> [--docs]    (table and picture again)
+#
+# --variants runs ebb alone, once per memory configuration (reclaim strategy x release mode x
+# fill), all in each L1 boot with the order rotated over rounds, in a smaller guest; one row per
+# variant with ratios against ebb's default; --docs writes its tables into
+# docs/BENCH-strategies.md (docs/TESTING.md, "ebb's memory configurations side by side").
 #
 # --docs also writes docs/BENCH-tables.md and docs/bench-tables.svg. Defaults: 3 rounds, both
 # settings. A round that meets a known rig fault is run again (said on stderr, counted in the

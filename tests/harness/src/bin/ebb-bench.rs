@@ -2,8 +2,13 @@
 //! (`scripts/bench-l1.sh`), over several rounds; a markdown table of medians, the raw numbers as
 //! CSV, and a picture of both VMMs' page-table bytes over time (SVG).
 //!
+//! With `--variants`, the same scenario for ebb only, once per memory configuration (reclaim
+//! strategy x release mode x fill: [`VARIANTS`]), all in one L1 boot per round with the order
+//! rotated over rounds; the tables have one row per variant and ratios against ebb's default.
+//!
 //! ```text
 //! ebb-bench [--rounds N] [--reporting on|off|both] [--ebb-flags "FLAGS"] [--out DIR] [--docs]
+//! ebb-bench --variants [all|LABEL,LABEL...] [--rounds N] [sizes] [--out DIR] [--docs]
 //! ebb-bench --from DIR [--docs]     (table, CSV and picture again from DIR's round logs)
 //! ```
 //! Run through `scripts/bench-tables.sh`, which builds what a round needs first.
@@ -35,34 +40,160 @@ const BALLOON_MIB: u32 = 768;
 /// Round logs in the output directory.
 const LOG_PREFIX: &str = "round-";
 
+/// The ebb configurations `--variants` compares: label, ebb flags. The same list, labels and
+/// flags as the rig test of every combination (`scripts/combos-l1.sh`,
+/// `tests/harness/tests/ebb_combinations.rs`; why it is that list: docs/TESTING.md). Tracked
+/// memfd RAM (2 MiB block fills) with each strategy and both of its release modes; tracked
+/// anonymous 4 KiB RAM, page by page and by 16-page windows, the six pairs of strategy and
+/// release mode split between the two fills; untracked RAM once per release mode.
+const VARIANTS: [(&str, &str); 14] = [
+    (
+        "memfd-punch-hole-off",
+        "--reclaim-strategy off --release-mode punch-hole",
+    ),
+    (
+        "memfd-remove-off",
+        "--reclaim-strategy off --release-mode remove",
+    ),
+    (
+        "memfd-punch-hole-scan",
+        "--reclaim-strategy scan --release-mode punch-hole",
+    ),
+    (
+        "memfd-remove-scan",
+        "--reclaim-strategy scan --release-mode remove",
+    ),
+    (
+        "memfd-punch-hole-count",
+        "--reclaim-strategy count --release-mode punch-hole",
+    ),
+    (
+        "memfd-remove-count",
+        "--reclaim-strategy count --release-mode remove",
+    ),
+    (
+        "anon4k-dontneed-count",
+        "--no-thp --reclaim-strategy count --release-mode dontneed",
+    ),
+    (
+        "anon4k-dontneed-off",
+        "--no-thp --reclaim-strategy off --release-mode dontneed",
+    ),
+    (
+        "anon4k-free-scan",
+        "--no-thp --reclaim-strategy scan --release-mode free",
+    ),
+    (
+        "anon4k-w16-dontneed-scan",
+        "--no-thp --fault-around 16 --reclaim-strategy scan --release-mode dontneed",
+    ),
+    (
+        "anon4k-w16-free-count",
+        "--no-thp --fault-around 16 --reclaim-strategy count --release-mode free",
+    ),
+    (
+        "anon4k-w16-free-off",
+        "--no-thp --fault-around 16 --reclaim-strategy off --release-mode free",
+    ),
+    (
+        "untracked-thp-dontneed",
+        "--no-track --release-mode dontneed",
+    ),
+    (
+        "untracked-4k-free",
+        "--no-track --no-thp --release-mode free",
+    ),
+];
+/// The variant that is ebb's default configuration (tracked memfd RAM, count, punch-hole): the
+/// ratios' denominator.
+const DEFAULT_VARIANT: &str = "memfd-punch-hole-count";
+/// ebb flags every variant runs with: HLT exits off, as in every rig test of tracked guests
+/// (docs/ARCHITECTURE.md, "Known flakiness"); the variants differ only in their memory flags.
+const VARIANT_COMMON_FLAGS: &str = "--hlt-in-guest";
+
+/// The scenario's sizes, MiB: guest RAM, the first touch, the working set, the balloon when
+/// inflated, the touch after deflation (`BENCH_*_MIB` in `scripts/bench-l1.sh`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Sizes {
+    memory: u32,
+    touch: u32,
+    ws: u32,
+    balloon: u32,
+    retouch: u32,
+}
+
+/// Against the QEMU peer: a 1 GiB guest, as the peer's tests run it.
+const PEER_SIZES: Sizes = Sizes {
+    memory: 1024,
+    touch: 600,
+    ws: 32,
+    balloon: BALLOON_MIB,
+    retouch: 512,
+};
+/// The variants: a guest on 4 KiB pages (tracked: a userfault per page) boots several times
+/// slower than a memfd one under the nested emulation (in the smoke run on the shared machine,
+/// about 3 minutes from start to inflation against 1), so the guest is small enough to keep one
+/// run of all variants over 2 rounds near 40 minutes on a quiet machine. The guest's boot alone
+/// touches about 180 MiB (its kernel, and its initramfs twice); the balloon leaves it 160 MiB.
+const VARIANT_SIZES: Sizes = Sizes {
+    memory: 256,
+    touch: 128,
+    ws: 16,
+    balloon: 96,
+    retouch: 96,
+};
+
 #[derive(Parser)]
 #[command(
     name = "ebb-bench",
     about = "ebb and the QEMU peer side by side in the nested test host: page tables, balloon times, re-fault costs"
 )]
 struct Cli {
-    /// Rounds per reporting setting; the order of the VMMs alternates (round 1 ebb first).
+    /// Rounds per reporting setting; the order of the VMMs alternates (round 1 ebb first); with
+    /// --variants it is rotated (round r starts (r-1)/rounds of the way down the list).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
-    /// Free page reporting in both VMMs: on, off or both.
-    #[arg(long, default_value = "both")]
-    reporting: String,
+    /// Free page reporting in both VMMs: on, off or both (default both; off with --variants,
+    /// ebb's default).
+    #[arg(long)]
+    reporting: Option<String>,
+    /// ebb only, one run per memory configuration (all, or labels separated by commas), side by
+    /// side in each L1 boot; no QEMU peer.
+    #[arg(long, num_args = 0..=1, default_missing_value = "all")]
+    variants: Option<String>,
+    /// Guest RAM, MiB (default 1024; 256 with --variants).
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// The first touch, MiB (default 600; 128 with --variants).
+    #[arg(long)]
+    touch_mib: Option<u32>,
+    /// The working set, MiB (default 32; 16 with --variants).
+    #[arg(long)]
+    ws_mib: Option<u32>,
+    /// The balloon when inflated, MiB (default 768; 96 with --variants).
+    #[arg(long)]
+    balloon_mib: Option<u32>,
+    /// The touch after deflation, MiB (default 512; 96 with --variants).
+    #[arg(long)]
+    retouch_mib: Option<u32>,
     /// More ebb flags (e.g. "--zap-kvm-tables-after 64"); ebb runs at its defaults otherwise.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     ebb_flags: String,
     /// Periodic sampling interval, ms.
     #[arg(long, default_value_t = 500)]
     sample_ms: u32,
-    /// Timeout of one round (one L1 boot, both VMMs), seconds.
-    #[arg(long, default_value_t = 1800)]
-    timeout: u64,
+    /// Timeout of one round (one L1 boot, both VMMs or all variants), seconds (default 1800;
+    /// 3600 with --variants).
+    #[arg(long)]
+    timeout: Option<u64>,
     /// Output directory (default: target/bench/<seconds since the epoch>).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Make the table, CSV and picture from the round logs in this directory; run nothing.
     #[arg(long, conflicts_with = "out")]
     from: Option<PathBuf>,
-    /// Also write the table and the picture into docs/ (BENCH-tables.md, bench-tables.svg).
+    /// Also write the table and the picture into docs/ (BENCH-tables.md, bench-tables.svg; with
+    /// --variants the tables between the markers of BENCH-strategies.md).
     #[arg(long)]
     docs: bool,
     /// Do not stream the rig's console to stderr.
@@ -86,21 +217,33 @@ struct Sample {
     sec_kb: f64,
 }
 
-/// One round: one L1 boot, both VMMs, one reporting setting.
+/// One round: one L1 boot, both VMMs (or all variants), one reporting setting.
 #[derive(Clone, Debug, Default)]
 struct Round {
     round: u32,
     reporting: String,
+    /// What ran, in order, joined by `+` (VMMs, or variant labels).
     order: String,
+    /// A round of `--variants`: its VMM names are variant labels.
+    variants: bool,
+    /// The scenario's sizes, when the header has them.
+    sizes: Option<Sizes>,
     status: i32,
     elapsed_s: f64,
+    /// Re-runs of the whole round.
     rig_faults: u32,
+    /// Re-runs of one variant inside the round: (variant, fault).
+    variant_faults: Vec<(String, String)>,
     phases: Vec<Phase>,
     /// (vmm, what, t_ms)
     marks: Vec<(String, String, f64)>,
     samples: BTreeMap<String, Vec<Sample>>,
-    /// Why this round does not count (empty: it counts).
+    /// Why this round does not count at all (empty: it counts, but for `vmm_problems`).
     problems: Vec<String>,
+    /// Why one VMM's (or variant's) figures of this round do not count.
+    vmm_problems: BTreeMap<String, Vec<String>>,
+    /// Each VMM's exit status (the last attempt's).
+    statuses: BTreeMap<String, i32>,
 }
 
 fn kv(s: &str) -> BTreeMap<&str, &str> {
@@ -135,6 +278,23 @@ impl Round {
                 r.round = m.get("round").and_then(|v| v.parse().ok()).unwrap_or(0);
                 r.reporting = m.get("reporting").unwrap_or(&"?").to_string();
                 r.order = m.get("order").unwrap_or(&"?").to_string();
+                r.variants = m.get("mode") == Some(&"variants");
+                let n = |k: &str| m.get(k).and_then(|v| v.parse::<u32>().ok());
+                if let (Some(memory), Some(touch), Some(ws), Some(balloon), Some(retouch)) = (
+                    n("memory_mib"),
+                    n("touch_mib"),
+                    n("ws_mib"),
+                    n("balloon_mib"),
+                    n("retouch_mib"),
+                ) {
+                    r.sizes = Some(Sizes {
+                        memory,
+                        touch,
+                        ws,
+                        balloon,
+                        retouch,
+                    });
+                }
                 r.status = m.get("status").and_then(|v| v.parse().ok()).unwrap_or(-1);
                 r.elapsed_s = m
                     .get("elapsed_s")
@@ -167,7 +327,26 @@ impl Round {
                         .push((v.to_string(), w.to_string(), t.parse().unwrap_or(f64::NAN)));
                 }
             } else if let Some(rest) = after(line, "EBB-BENCH-FAIL ") {
-                r.problems.push(format!("a step failed: {rest}"));
+                let v = kv(rest).get("vmm").unwrap_or(&"?").to_string();
+                let why = rest.split_once(' ').map_or("", |(_, w)| w);
+                r.vmm_problems
+                    .entry(v)
+                    .or_default()
+                    .push(format!("a step failed: {why}"));
+            } else if let Some(rest) = after(line, "EBB-BENCH-STATUS ") {
+                let m = kv(rest);
+                if let (Some(v), Some(st)) = (m.get("vmm"), m.get("status")) {
+                    r.statuses.insert(v.to_string(), st.parse().unwrap_or(-1));
+                }
+            } else if let Some(rest) = after(line, "EBB-BENCH-RIG-FAULT ") {
+                // The attempt before this line does not count: its figures, marks and failed
+                // steps go; the next attempt's come after.
+                let v = kv(rest).get("vmm").unwrap_or(&"?").to_string();
+                let fault = rest.split_once("fault=").map_or("?", |(_, f)| f);
+                r.phases.retain(|p| p.vmm != v);
+                r.marks.retain(|(m, _, _)| *m != v);
+                r.vmm_problems.remove(&v);
+                r.variant_faults.push((v, fault.to_string()));
             } else if let Some(rest) = after(line, "EBB-RIG-SAMPLE ") {
                 let m = kv(rest);
                 let num = |k: &str| m.get(k).and_then(|v| v.parse::<f64>().ok());
@@ -188,29 +367,65 @@ impl Round {
                 }
             }
         }
-        if r.status != 0 && r.problems.is_empty() {
-            r.problems
-                .push(format!("the job exited with status {}", r.status));
+        for (v, st) in r.statuses.clone() {
+            if st != 0 {
+                r.vmm_problems
+                    .entry(v.clone())
+                    .or_default()
+                    .push(format!("{v} exited with status {st}"));
+            }
         }
-        for (v, _) in VMMS {
+        for v in r.names() {
+            let mut bad_v = Vec::new();
             for ph in PHASES {
-                if r.phase(v, ph).is_none() {
-                    r.problems.push(format!("no {ph} figures for {v}"));
+                if r.phase(&v, ph).is_none() {
+                    bad_v.push(format!("no {ph} figures for {v}"));
                 }
             }
-            let bad = r.get(v, "retouch-ws", "bad_pages");
+            let bad = r.get(&v, "retouch-ws", "bad_pages");
             if bad.is_some_and(|b| b != 0.0) {
-                r.problems.push(format!(
+                bad_v.push(format!(
                     "{v}: the guest found {} bad pages in its working set",
                     bad.unwrap_or(0.0)
                 ));
             }
+            if !bad_v.is_empty() {
+                r.vmm_problems.entry(v).or_default().extend(bad_v);
+            }
+        }
+        if r.status != 0 && r.problems.is_empty() && r.vmm_problems.is_empty() {
+            r.problems
+                .push(format!("the job exited with status {}", r.status));
         }
         r
     }
 
+    /// What ran: the order's names (the two VMMs when the header has none).
+    fn names(&self) -> Vec<String> {
+        if self.order.is_empty() || self.order == "?" {
+            VMMS.iter().map(|(v, _)| v.to_string()).collect()
+        } else {
+            self.order.split('+').map(str::to_string).collect()
+        }
+    }
+
+    /// Whether the whole round counts.
     fn ok(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.vmm_problems.values().all(Vec::is_empty)
+    }
+
+    /// Whether `vmm`'s figures of this round count.
+    fn counts(&self, vmm: &str) -> bool {
+        self.problems.is_empty() && self.vmm_problems.get(vmm).is_none_or(Vec::is_empty)
+    }
+
+    /// Every reason this round or part of it does not count.
+    fn all_problems(&self) -> Vec<String> {
+        let mut v = self.problems.clone();
+        for p in self.vmm_problems.values() {
+            v.extend(p.iter().cloned());
+        }
+        v
     }
 
     fn phase(&self, vmm: &str, phase: &str) -> Option<&Phase> {
@@ -298,7 +513,7 @@ fn tables(setting: &str, all: &[Round]) -> String {
     let left_out: Vec<String> = all
         .iter()
         .filter(|r| r.reporting == setting && !r.ok())
-        .map(|r| format!("round {} ({})", r.round, r.problems.join("; ")))
+        .map(|r| format!("round {} ({})", r.round, r.all_problems().join("; ")))
         .collect();
     let faults: u32 = all
         .iter()
@@ -448,8 +663,172 @@ fn tables(setting: &str, all: &[Round]) -> String {
     s
 }
 
+/// The variants the rounds ran, in [`VARIANTS`]' order (unknown labels after them).
+fn variant_names(rounds: &[Round]) -> Vec<String> {
+    let mut ran: Vec<String> = Vec::new();
+    for r in rounds {
+        for n in r.names() {
+            if !ran.contains(&n) {
+                ran.push(n);
+            }
+        }
+    }
+    let mut v: Vec<String> = VARIANTS
+        .iter()
+        .map(|(l, _)| l.to_string())
+        .filter(|l| ran.contains(l))
+        .collect();
+    let known: Vec<String> = v.clone();
+    v.extend(ran.into_iter().filter(|l| !known.contains(l)));
+    v
+}
+
+/// The markdown tables of `--variants` for one reporting setting: one row per variant (medians
+/// over the rounds where it counts) and ratios against ebb's default configuration.
+fn variant_tables(setting: &str, all: &[Round]) -> String {
+    let of_setting: Vec<&Round> = all.iter().filter(|r| r.reporting == setting).collect();
+    let names = variant_names(all);
+    let med_v = |v: &str, phase: &str, key: &str| {
+        median(
+            of_setting
+                .iter()
+                .filter(|r| r.counts(v))
+                .filter_map(|r| r.get(v, phase, key))
+                .collect(),
+        )
+    };
+    let counted = |v: &str| of_setting.iter().filter(|r| r.counts(v)).count();
+    let d = DEFAULT_VARIANT;
+    let mut s = String::new();
+    let n = of_setting.len();
+    let _ = writeln!(
+        s,
+        "### Free page reporting {setting}: medians over {n} round{}
+",
+        if n == 1 { "" } else { "s" }
+    );
+    let left_out: Vec<String> = of_setting
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| format!("round {} ({})", r.round, r.all_problems().join("; ")))
+        .collect();
+    if !left_out.is_empty() {
+        let _ = writeln!(
+            s,
+            "Left out (only the variants named; the round's others count): {}.\n",
+            left_out.join("; ")
+        );
+    }
+    let faults: Vec<String> = of_setting
+        .iter()
+        .flat_map(|r| {
+            r.variant_faults
+                .iter()
+                .map(move |(v, f)| format!("{v} in round {} ({f})", r.round))
+        })
+        .collect();
+    let whole: u32 = of_setting.iter().map(|r| r.rig_faults).sum();
+    if !faults.is_empty() || whole > 0 {
+        let _ = writeln!(
+            s,
+            "Re-run after a rig fault (the re-run counts): {}{}.\n",
+            if faults.is_empty() {
+                "no variant".to_string()
+            } else {
+                faults.join(", ")
+            },
+            if whole > 0 {
+                format!("; whole rounds: {whole}")
+            } else {
+                String::new()
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Times (the fault-path price is the first touch; `×` is the ratio to `{d}`, ebb's default):\n"
+    );
+    s.push_str(
+        "| variant | rounds | first touch ns/page | × | guest-mm faults | inflate ms | × \
+         | deflate ms | × | re-read ws ns/page | × | touch after deflation ns/page | × |\n",
+    );
+    s.push_str(
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for v in &names {
+        let _ = write!(s, "| {v} | {} ", counted(v));
+        for (phase, key, with_faults) in [
+            ("touched", "ns_per_page", true),
+            ("inflated", "inflate_ms", false),
+            ("deflated", "deflate_ms", false),
+            ("retouch-ws", "ns_per_page", false),
+            ("retouch", "ns_per_page", false),
+        ] {
+            let x = med_v(v, phase, key);
+            let _ = write!(
+                s,
+                "| {} | {} ",
+                show(x, Unit::Whole),
+                ratio(x, med_v(d, phase, key))
+            );
+            if with_faults {
+                let _ = write!(s, "| {} ", show(med_v(v, phase, "faults"), Unit::Whole));
+            }
+        }
+        s.push_str("|\n");
+    }
+    s.push('\n');
+    for (phase, what) in [
+        ("touched", "after the first touch"),
+        ("inflated", "after inflation (the give-back)"),
+        ("deflated", "after deflation"),
+    ] {
+        let _ = writeln!(s, "Page tables and memory {what} (`{phase}`):\n");
+        s.push_str(
+            "| variant | ebb tables kB (min) | host VmPTE kB | × | L1 SecPageTables kB | × \
+             | VmRSS MiB | host memory MiB | × |\n",
+        );
+        s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for v in &names {
+            let pte = med_v(v, phase, "VmPTE");
+            let sec = med_v(v, phase, "SecPageTables");
+            let host = med_v(v, phase, "host_kB");
+            let tables = match med_v(v, phase, "table_bytes") {
+                None => "–".to_string(),
+                t => format!(
+                    "{} ({})",
+                    show(t, Unit::BytesAsKb),
+                    show(med_v(v, phase, "min_table_bytes"), Unit::BytesAsKb)
+                ),
+            };
+            let _ = writeln!(
+                s,
+                "| {v} | {tables} | {} | {} | {} | {} | {} | {} | {} |",
+                show(pte, Unit::Whole),
+                ratio(pte, med_v(d, phase, "VmPTE")),
+                show(sec, Unit::Whole),
+                ratio(sec, med_v(d, phase, "SecPageTables")),
+                show(med_v(v, phase, "VmRSS"), Unit::KbAsMib),
+                show(host, Unit::KbAsMib),
+                ratio(host, med_v(d, phase, "host_kB")),
+            );
+        }
+        s.push('\n');
+    }
+    let times: Vec<String> = of_setting
+        .iter()
+        .map(|r| format!("{:.0}", r.elapsed_s))
+        .collect();
+    let _ = writeln!(
+        s,
+        "Rounds took {} s (one L1 boot, all variants).\n",
+        times.join(", ")
+    );
+    s
+}
+
 /// The CSV columns taken from each phase line, after round, reporting, order, vmm, phase.
-const CSV_KEYS: [&str; 25] = [
+const CSV_KEYS: [&str; 26] = [
     "t_ms",
     "host_kB",
     "VmRSS",
@@ -470,6 +849,7 @@ const CSV_KEYS: [&str; 25] = [
     "zaps",
     "ns_max",
     "blocks_emptied",
+    "faults",
     "settle_ms",
     "inflate_ms",
     "deflate_ms",
@@ -672,6 +1052,67 @@ fn document(
     s
 }
 
+/// The markdown of `--variants`: how it was made, the scenario with its sizes, the tables.
+fn variant_document(rounds: &[Round], settings: &[String], cmd: &str, commit: &str) -> String {
+    let z = rounds.iter().find_map(|r| r.sizes).unwrap_or(VARIANT_SIZES);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Made by `{cmd}` at commit {commit}; the raw numbers of every round are in the CSV next to \
+         the round logs (`target/bench/...`).\n"
+    );
+    let _ = write!(
+        s,
+        "Every variant runs the same scenario in the same L1 boot of the nested test host, one \
+         after the other (the order rotated over rounds), with a {} MiB, 1 vCPU Debian guest, \
+         `--balloon` and `{VARIANT_COMMON_FLAGS}`: the guest touches {} MiB (`touched`; its ns per \
+         page are the fault path's price), frees it (`freed`, once VmRSS settled), holds a {} MiB \
+         working set, the balloon inflates to {} MiB (`inflated`, timed), the guest re-reads its \
+         working set (ns per page), the balloon deflates to 0 (`deflated`, timed, sampled once \
+         VmRSS settled) and the guest touches {} MiB fresh (ns per page). VmRSS and VmPTE are \
+         ebb's; SecPageTables is L1's KVM second-level tables (one VM at a time); host memory \
+         is VmRSS plus the pages of ebb's guest-RAM memfd no mapping maps; ebb's tables are \
+         guest-mm's table bytes and, in brackets, the minimum for its leaves. Absolute times \
+         under emulation mean little; the ratios do.\n\n",
+        z.memory, z.touch, z.ws, z.balloon, z.retouch
+    );
+    s.push_str("| variant | ebb flags |\n| --- | --- |\n");
+    for v in variant_names(rounds) {
+        let f = VARIANTS
+            .iter()
+            .find(|(l, _)| *l == v)
+            .map_or("?", |(_, f)| *f);
+        let _ = writeln!(s, "| {v} | `{f}` |");
+    }
+    s.push('\n');
+    for st in settings {
+        s.push_str(&variant_tables(st, rounds));
+    }
+    s
+}
+
+/// Where `--docs` puts the tables of `--variants`: between these lines of
+/// docs/BENCH-strategies.md (the prose around them stays).
+const STRATEGIES_BEGIN: &str = "<!-- ebb-bench --variants: begin -->";
+const STRATEGIES_END: &str = "<!-- ebb-bench --variants: end -->";
+
+/// `doc` with the text between its markers replaced by `tables` (the markers appended first
+/// when it has none).
+fn between_markers(doc: &str, tables: &str) -> String {
+    let (head, tail) = match (doc.find(STRATEGIES_BEGIN), doc.find(STRATEGIES_END)) {
+        (Some(b), Some(e)) if b < e => (&doc[..b], &doc[e + STRATEGIES_END.len()..]),
+        _ => (doc, "\n"),
+    };
+    let mut head = head.to_string();
+    if !head.is_empty() && !head.ends_with("\n\n") {
+        head.push_str(if head.ends_with('\n') { "\n" } else { "\n\n" });
+    }
+    format!(
+        "{head}{STRATEGIES_BEGIN}\n{}\n{STRATEGIES_END}{tail}",
+        tables.trim_end()
+    )
+}
+
 /// A round's log: the header, the job's output, and its periodic samples.
 fn round_log(header: &str, out: Option<&ebb_harness::RunOutput>) -> String {
     let mut s = format!("EBB-BENCH-ROUND {header}\n");
@@ -705,6 +1146,59 @@ fn settings_of(arg: &str) -> Result<Vec<String>, String> {
     }
 }
 
+/// The variants `--variants` asked for (`all`, or labels separated by commas), in
+/// [`VARIANTS`]' order.
+fn variants_of(arg: &str) -> Result<Vec<&'static str>, String> {
+    if arg == "all" {
+        return Ok(VARIANTS.iter().map(|(l, _)| *l).collect());
+    }
+    let asked: Vec<&str> = arg.split(',').map(str::trim).collect();
+    for a in &asked {
+        if !VARIANTS.iter().any(|(l, _)| l == a) {
+            return Err(format!(
+                "--variants: no variant {a}; they are: all, {}",
+                VARIANTS
+                    .iter()
+                    .map(|(l, _)| *l)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    Ok(VARIANTS
+        .iter()
+        .map(|(l, _)| *l)
+        .filter(|l| asked.contains(l))
+        .collect())
+}
+
+/// The order of round `round` (1-based) of `rounds`: `names` rotated so that each round starts
+/// `(round - 1) / rounds` of the way down the list.
+fn rotated<T: Clone>(names: &[T], round: u32, rounds: u32) -> Vec<T> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let n = names.len();
+    let k = (round.saturating_sub(1) as usize * n / rounds.max(1) as usize) % n;
+    names[k..].iter().chain(&names[..k]).cloned().collect()
+}
+
+/// The scenario's sizes: the mode's defaults, with the ones given on the command line.
+fn sizes_of(cli: &Cli) -> Sizes {
+    let d = if cli.variants.is_some() {
+        VARIANT_SIZES
+    } else {
+        PEER_SIZES
+    };
+    Sizes {
+        memory: cli.memory_mib.unwrap_or(d.memory),
+        touch: cli.touch_mib.unwrap_or(d.touch),
+        ws: cli.ws_mib.unwrap_or(d.ws),
+        balloon: cli.balloon_mib.unwrap_or(d.balloon),
+        retouch: cli.retouch_mib.unwrap_or(d.retouch),
+    }
+}
+
 /// Runs the rounds; writes each round's log into `dir`.
 fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn Error>> {
     let mut rig = Rig::from_env()?;
@@ -713,17 +1207,48 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
     let ctl = ebb.with_file_name("ebb-ctl");
     let memscan = static_memscan()?;
     let script = workspace_root().join("scripts/bench-l1.sh");
+    let variants = match &cli.variants {
+        Some(v) => variants_of(v)?,
+        None => Vec::new(),
+    };
+    let sizes = sizes_of(cli);
+    let timeout = cli
+        .timeout
+        .unwrap_or(if variants.is_empty() { 1800 } else { 3600 });
+    let mut ebb_flags = cli.ebb_flags.clone();
+    let mut variant_env = String::new();
+    if !variants.is_empty() {
+        ebb_flags = format!("{VARIANT_COMMON_FLAGS} {ebb_flags}")
+            .trim()
+            .to_string();
+        for (l, f) in VARIANTS.iter().filter(|(l, _)| variants.contains(l)) {
+            let _ = write!(variant_env, "{l} {f};");
+        }
+    }
     for round in 1..=cli.rounds {
         for setting in settings {
-            let order = if round % 2 == 1 {
-                "ebb qemu"
+            // Both VMMs alternate; variants rotate.
+            let (order, order_csv) = if variants.is_empty() {
+                let o = if round % 2 == 1 {
+                    "ebb qemu"
+                } else {
+                    "qemu ebb"
+                };
+                (o.to_string(), o.replace(' ', "+"))
             } else {
-                "qemu ebb"
+                let r = rotated(&variants, round, cli.rounds);
+                (
+                    r.iter()
+                        .map(|l| format!("ebb:{l}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    r.join("+"),
+                )
             };
             eprintln!(
                 "ebb-bench: round {round} of {}, reporting {setting}, {} first",
                 cli.rounds,
-                order.split(' ').next().unwrap_or("?")
+                order_csv.split('+').next().unwrap_or("?")
             );
             let job = Job::shell("sh ./bench-l1.sh")
                 .input(&ebb)
@@ -731,20 +1256,42 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
                 .input(&memscan)
                 .input(l1_shell_lib())
                 .input(&script)
-                .env("BENCH_ORDER", order)
+                .env("BENCH_ORDER", order.as_str())
+                .env("BENCH_VARIANTS", variant_env.as_str())
                 .env("BENCH_REPORTING", setting.as_str())
-                .env("BENCH_EBB_FLAGS", cli.ebb_flags.as_str())
+                .env("BENCH_EBB_FLAGS", ebb_flags.as_str())
                 .env("BENCH_SAMPLE_MS", cli.sample_ms.to_string())
-                .env("BENCH_BALLOON_MIB", BALLOON_MIB.to_string())
-                .timeout(Duration::from_secs(cli.timeout));
-            // Both VMMs' guests run in this job: the rig faults of either are re-run.
+                .env("BENCH_MEMORY_MIB", sizes.memory.to_string())
+                .env("BENCH_TOUCH_MIB", sizes.touch.to_string())
+                .env("BENCH_WS_MIB", sizes.ws.to_string())
+                .env("BENCH_BALLOON_MIB", sizes.balloon.to_string())
+                .env("BENCH_RETOUCH_MIB", sizes.retouch.to_string())
+                .timeout(Duration::from_secs(timeout));
             let what = format!("bench round {round} reporting {setting}");
-            let reruns = rig
-                .ebb_reruns(what)
-                .on(RigFault::PeerNoBoot)
-                .on(RigFault::PeerKvmInternalError)
-                .on(RigFault::PeerStoppedEarly);
-            let order_csv = order.replace(' ', "+");
+            let reruns = if variants.is_empty() {
+                // Both VMMs' guests run in this job: the rig faults of either are re-run.
+                rig.ebb_reruns(what)
+                    .on(RigFault::PeerNoBoot)
+                    .on(RigFault::PeerKvmInternalError)
+                    .on(RigFault::PeerStoppedEarly)
+            } else {
+                // The script re-runs a variant whose guest met a rig fault; only L1's own
+                // faults re-run the whole round.
+                rig.l1_reruns(what)
+            };
+            let header_more = format!(
+                "{}memory_mib={} touch_mib={} ws_mib={} balloon_mib={} retouch_mib={}",
+                if variants.is_empty() {
+                    ""
+                } else {
+                    "mode=variants "
+                },
+                sizes.memory,
+                sizes.touch,
+                sizes.ws,
+                sizes.balloon,
+                sizes.retouch
+            );
             let log = match rig.run_with(&job, &reruns) {
                 Ok(out) => {
                     if !out.rig_faults.is_empty() {
@@ -761,7 +1308,7 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
                     round_log(
                         &format!(
                             "round={round} reporting={setting} order={order_csv} status={} \
-                             elapsed_s={:.1} rig_faults={}",
+                             elapsed_s={:.1} rig_faults={} {header_more}",
                             out.status,
                             out.elapsed.as_secs_f64(),
                             out.rig_faults.len()
@@ -775,7 +1322,7 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
                     round_log(
                         &format!(
                             "round={round} reporting={setting} order={order_csv} status=-1 \
-                             elapsed_s=0 rig_faults=0 error={msg}"
+                             elapsed_s=0 rig_faults=0 {header_more} error={msg}"
                         ),
                         None,
                     )
@@ -784,6 +1331,9 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
             let path = dir.join(format!("{LOG_PREFIX}{round}-reporting-{setting}.log"));
             std::fs::write(&path, &log)?;
             let r = Round::parse(&log);
+            for (v, f) in &r.variant_faults {
+                eprintln!("ebb-bench: RIG FAULT: round {round}, {v} was run again after: {f}");
+            }
             if r.ok() {
                 eprintln!(
                     "ebb-bench: round {round} (reporting {setting}) done in {:.0} s",
@@ -792,7 +1342,7 @@ fn run_rounds(cli: &Cli, settings: &[String], dir: &Path) -> Result<(), Box<dyn 
             } else {
                 eprintln!(
                     "ebb-bench: round {round} (reporting {setting}) DOES NOT COUNT: {} (log: {})",
-                    r.problems.join("; "),
+                    r.all_problems().join("; "),
                     path.display()
                 );
             }
@@ -837,10 +1387,33 @@ fn real_main(cli: &Cli) -> Result<bool, Box<dyn Error>> {
         }
     };
     std::fs::create_dir_all(&dir)?;
-    let mut cmd = format!(
-        "scripts/bench-tables.sh --rounds {} --reporting {}",
-        cli.rounds, cli.reporting
-    );
+    let reporting = cli.reporting.clone().unwrap_or_else(|| {
+        if cli.variants.is_some() {
+            "off".into()
+        } else {
+            "both".into()
+        }
+    });
+    let mut cmd = format!("scripts/bench-tables.sh --rounds {} ", cli.rounds);
+    if let Some(v) = &cli.variants {
+        let _ = write!(cmd, "--variants {v}");
+        if cli.reporting.is_some() {
+            let _ = write!(cmd, " --reporting {reporting}");
+        }
+    } else {
+        let _ = write!(cmd, "--reporting {reporting}");
+    }
+    for (flag, v) in [
+        ("--memory-mib", cli.memory_mib),
+        ("--touch-mib", cli.touch_mib),
+        ("--ws-mib", cli.ws_mib),
+        ("--balloon-mib", cli.balloon_mib),
+        ("--retouch-mib", cli.retouch_mib),
+    ] {
+        if let Some(v) = v {
+            let _ = write!(cmd, " {flag} {v}");
+        }
+    }
     if !cli.ebb_flags.is_empty() {
         let _ = write!(cmd, " --ebb-flags \"{}\"", cli.ebb_flags);
     }
@@ -849,7 +1422,7 @@ fn real_main(cli: &Cli) -> Result<bool, Box<dyn Error>> {
     // The commit the rounds ran at, kept too: a later --from names it, not the checkout's.
     let commit_file = dir.join("commit.txt");
     let settings = if cli.from.is_none() {
-        let s = settings_of(&cli.reporting)?;
+        let s = settings_of(&reporting)?;
         std::fs::write(&cmd_file, format!("{cmd}\n"))?;
         std::fs::write(&commit_file, format!("{}\n", head_commit()))?;
         run_rounds(cli, &s, &dir)?;
@@ -878,11 +1451,14 @@ fn real_main(cli: &Cli) -> Result<bool, Box<dyn Error>> {
     } else {
         settings
     };
-    let svg = dir.join("bench-tables.svg");
-    let drew = picture(&rounds, &settings, &svg)?;
     let commit = std::fs::read_to_string(&commit_file)
         .map(|c| c.trim().to_string())
         .unwrap_or_else(|_| head_commit());
+    if rounds.iter().any(|r| r.variants) {
+        return write_variants(cli, &dir, &rounds, &settings, &cmd, &commit);
+    }
+    let svg = dir.join("bench-tables.svg");
+    let drew = picture(&rounds, &settings, &svg)?;
     let md = document(
         &rounds,
         &settings,
@@ -909,6 +1485,37 @@ fn real_main(cli: &Cli) -> Result<bool, Box<dyn Error>> {
     let all_ok = rounds.iter().all(Round::ok);
     if !all_ok {
         eprintln!("ebb-bench: some rounds do not count (see the table's notes)");
+    }
+    Ok(all_ok)
+}
+
+/// Writes the tables and CSV of a `--variants` run (and, with `--docs`, the tables into
+/// docs/BENCH-strategies.md); returns whether every variant counted in every round.
+fn write_variants(
+    cli: &Cli,
+    dir: &Path,
+    rounds: &[Round],
+    settings: &[String],
+    cmd: &str,
+    commit: &str,
+) -> Result<bool, Box<dyn Error>> {
+    let md = variant_document(rounds, settings, cmd, commit);
+    std::fs::write(dir.join("bench-strategies.md"), &md)?;
+    std::fs::write(dir.join("bench-strategies.csv"), csv(rounds))?;
+    println!("{md}");
+    eprintln!(
+        "ebb-bench: wrote {}/bench-strategies.{{md,csv}}",
+        dir.display()
+    );
+    if cli.docs {
+        let path = workspace_root().join("docs/BENCH-strategies.md");
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        std::fs::write(&path, between_markers(&old, &md))?;
+        eprintln!("ebb-bench: wrote the tables into docs/BENCH-strategies.md");
+    }
+    let all_ok = rounds.iter().all(Round::ok);
+    if !all_ok {
+        eprintln!("ebb-bench: some variants do not count in some rounds (see the table's notes)");
     }
     Ok(all_ok)
 }
@@ -988,5 +1595,97 @@ mod tests {
         assert!(t.contains("| 100 | 100 | 1.00 |"), "{t}");
         let c = csv(&rounds);
         assert_eq!(c.lines().count(), 1 + 14);
+    }
+
+    /// A `--variants` round: variant `a` meets a rig fault once and then completes, `b`
+    /// completes, `c` fails a step.
+    fn variants_log() -> String {
+        let mut s = String::from(
+            "EBB-BENCH-ROUND round=1 reporting=off order=a+b+c status=1 elapsed_s=90.0 \
+             rig_faults=0 mode=variants memory_mib=256 touch_mib=128 ws_mib=16 balloon_mib=96 \
+             retouch_mib=96\n",
+        );
+        s.push_str(&line("a", "touched", "ns_per_page=999"));
+        s.push_str("EBB-BENCH-STATUS vmm=a status=3\n");
+        s.push_str("EBB-BENCH-RIG-FAULT vmm=a attempt=1 fault=L2 triple fault under ebb\n");
+        for v in ["a", "b"] {
+            for ph in PHASES {
+                s.push_str(&line(v, ph, "ns_per_page=100 bad_pages=0 "));
+            }
+            s.push_str(&format!("EBB-BENCH-STATUS vmm={v} status=0\n"));
+        }
+        s.push_str(&line("c", "touched", "ns_per_page=50"));
+        s.push_str("EBB-BENCH-FAIL vmm=c the guest never freed its memory\n");
+        s.push_str("EBB-BENCH-STATUS vmm=c status=0\n");
+        s
+    }
+
+    #[test]
+    fn a_variant_round_counts_each_variant_on_its_own() {
+        let r = Round::parse(&variants_log());
+        assert!(r.variants);
+        assert_eq!(r.sizes, Some(VARIANT_SIZES));
+        assert_eq!(r.names(), ["a", "b", "c"]);
+        assert!(r.counts("a") && r.counts("b") && !r.counts("c"));
+        assert!(!r.ok(), "c failed");
+        assert_eq!(r.variant_faults.len(), 1);
+        assert_eq!(
+            r.get("a", "touched", "ns_per_page"),
+            Some(100.0),
+            "the faulted attempt's figures are gone"
+        );
+        assert!(r.all_problems().iter().any(|p| p.contains("never freed")));
+        // A variant that exits non-zero does not count.
+        let log = variants_log().replace("vmm=b status=0", "vmm=b status=4");
+        assert!(!Round::parse(&log).counts("b"));
+    }
+
+    #[test]
+    fn variant_tables_have_a_row_per_variant_and_ratios_against_the_default() {
+        let log = variants_log()
+            .replace("vmm=a ", &format!("vmm={DEFAULT_VARIANT} "))
+            .replace("order=a+", &format!("order={DEFAULT_VARIANT}+"));
+        let rounds = vec![Round::parse(&log)];
+        let t = variant_tables("off", &rounds);
+        assert!(
+            t.contains(&format!("| {DEFAULT_VARIANT} | 1 | 100 | 1.00 |")),
+            "{t}"
+        );
+        assert!(t.contains("| b | 1 | 100 | 1.00 |"), "{t}");
+        assert!(t.contains("| c | 0 | – | – |"), "{t}");
+        assert!(t.contains("| b | – | 100 | 1.00 | 40 | 1.00 |"), "{t}");
+        let d = variant_document(&rounds, &["off".into()], "cmd", "abc");
+        assert!(d.contains("256 MiB, 1 vCPU"), "{d}");
+    }
+
+    #[test]
+    fn variants_rotate_and_are_chosen_by_label() {
+        let v = ["a", "b", "c", "d"];
+        assert_eq!(rotated(&v, 1, 2), ["a", "b", "c", "d"]);
+        assert_eq!(rotated(&v, 2, 2), ["c", "d", "a", "b"]);
+        assert_eq!(rotated(&v, 3, 3), ["c", "d", "a", "b"]);
+        assert_eq!(variants_of("all").unwrap().len(), VARIANTS.len());
+        assert_eq!(
+            variants_of("untracked-4k-free,memfd-remove-off").unwrap(),
+            ["memfd-remove-off", "untracked-4k-free"]
+        );
+        assert!(variants_of("nope").is_err());
+        assert!(VARIANTS.iter().any(|(l, _)| *l == DEFAULT_VARIANT));
+    }
+
+    #[test]
+    fn docs_keep_their_prose_around_the_markers() {
+        let doc = format!("# T\n\nprose\n\n{STRATEGIES_BEGIN}\nold\n{STRATEGIES_END}\n\nmore\n");
+        let new = between_markers(&doc, "new tables\n");
+        assert_eq!(
+            new,
+            format!("# T\n\nprose\n\n{STRATEGIES_BEGIN}\nnew tables\n{STRATEGIES_END}\n\nmore\n")
+        );
+        assert_eq!(between_markers(&new, "new tables"), new);
+        let fresh = between_markers("", "t");
+        assert!(
+            fresh.starts_with(STRATEGIES_BEGIN) && fresh.contains("\nt\n"),
+            "{fresh}"
+        );
     }
 }
