@@ -2,7 +2,7 @@
 # The side-by-side benchmark's steps, run where the VMMs run (inside the nested test host, or
 # directly on a host with real VMX/SVM): the same scenario for ebb and for the QEMU peer, one
 # after the other in this boot, each at its defaults with a 1 GiB, 1 vCPU guest. Driven by
-# tests/harness/src/bin/ebb-bench.rs (scripts/bench-tables.sh), which reads the lines below.
+# tests/harness/src/bin/ebb-bench/ (scripts/bench-tables.sh), which reads the lines below.
 #
 # Settings (environment):
 #   BENCH_ORDER      what runs, in order (default "ebb qemu"): ebb, qemu, or ebb:LABEL, an ebb

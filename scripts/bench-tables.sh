@@ -8,7 +8,7 @@
 # balloon times; re-fault costs) and writes it with the raw numbers (CSV), every round's log and
 # a picture of the page-table bytes over time (SVG) under target/bench/<time>/. Does its own
 # set-up on a fresh machine. The steps in L1 are in scripts/bench-l1.sh, the rounds, table and
-# picture in tests/harness/src/bin/ebb-bench.rs.
+# picture in tests/harness/src/bin/ebb-bench/.
 #
 #   scripts/bench-tables.sh [--rounds N] [--reporting on|off|both] [--ebb-flags "FLAGS"] [--docs]
 #   scripts/bench-tables.sh --variants [all|LABEL,...] [--rounds N] [--memory-mib M ...] [--docs]
