@@ -11,8 +11,8 @@
 //! its cycle and the seed. At the end the guest's pages, stress-ng's own checks and churn's must
 //! all have passed, and ebb's exit report must be exact. It prints a summary table.
 //!
-//! In the suite it runs a few cycles (`EBB_STRESS_CYCLES`, default 3); `scripts/stress.sh` runs
-//! it longer. `EBB_STRESS_SEED` repeats a run's targets; `EBB_STRESS_MINUTES` keeps cycling for
+//! In the suite it runs a few cycles (`EBB_STRESS_CYCLES`, default 3) in one L1 boot;
+//! `scripts/stress.sh` runs it in several boots for 20 cycles or more. `EBB_STRESS_SEED` repeats a run's targets; `EBB_STRESS_MINUTES` keeps cycling for
 //! at least that long; `EBB_STRESS_MIN_MIB` / `EBB_STRESS_MAX_MIB` set the targets' range;
 //! `EBB_STRESS_SUMMARY` names a file for the summary (markdown).
 //!
@@ -121,10 +121,10 @@ fn stress_balloon_cycles_under_guest_memory_stress() {
     ];
     let script = ebb_harness::workspace_root().join("scripts/stress-l1.sh");
     let mut rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
-    // One emulated CPU for L1 unless EBB_RIG_L1_CPUS says otherwise: with two, most runs of
-    // this workload ended in the rig's own faults (L2 triple faults, KVM's "internal error,
-    // suberror 3" on the balloon's MMIO registers, int3 oopses; docs/STRESS.md). The guest
-    // keeps its 2 vCPUs; L1 runs them on one.
+    // One emulated CPU for L1 unless EBB_RIG_L1_CPUS says otherwise: with two, L2 triple faults
+    // and int3 oopses came on top of KVM's "internal error, suberror 3" on the balloon's MMIO
+    // registers (docs/STRESS.md, "Why several boots"). The guest keeps its 2 vCPUs; L1 runs
+    // them on one.
     if std::env::var_os("EBB_RIG_L1_CPUS").is_none() {
         rig.l1_cpus = 1;
     }
