@@ -82,8 +82,9 @@ fail() {
     finish
 }
 
-# The first integer value of JSON key $1 on stdin.
-num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" | head -n 1; }
+# The first integer value of JSON key $1 on stdin (one key per line once split at commas and
+# braces, so a key that appears twice, like held_pages in GET /memory, gives its first value).
+num() { tr ',{}' '\n\n\n' | sed -n "s/^[[:space:]]*\"$1\":[[:space:]]*\([0-9]*\).*/\1/p" | head -n 1; }
 
 # Waits until ebb's console has a line matching $1, for at most $2 seconds; fails early when
 # ebb has exited.
@@ -105,7 +106,7 @@ wait_for_n() {
 api_get() { "$CTL" --api-sock "$S" GET "$1"; }
 
 # The balloon's size as the driver last reported it, in MiB. (GET /memory: ebb's figures, the
-# balloon's first, since its keys are sorted; `num` reads the first match.)
+# balloon's first, since its keys are sorted, and `num` reads the first match.)
 balloon_actual() { api_get /memory | num actual_mib; }
 
 # Sets the balloon's target to $1 MiB and waits up to $2 seconds for the driver to reach it
