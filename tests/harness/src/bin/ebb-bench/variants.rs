@@ -277,15 +277,15 @@ pub(crate) fn variant_document(
         "Every variant runs the same scenario in the same L1 boot of the nested test host, one \
          after the other (the order rotated over rounds), with a {} MiB, 1 vCPU Debian guest, \
          `--balloon` and `{VARIANT_COMMON_FLAGS}`: the guest touches {} MiB (`touched`; its ns per \
-         page are the fault path's price), frees it (`freed`, once VmRSS settled), holds a {} MiB \
+         page are the fault path's price where ebb has not filled that memory yet), frees it (`freed`, once VmRSS settled), holds a {} MiB \
          working set, the balloon inflates to {} MiB (`inflated`, timed), the guest re-reads its \
          working set (ns per page), the balloon deflates to 0 (`deflated`, timed, sampled once \
          VmRSS settled) and the guest touches {} MiB fresh (ns per page). VmRSS and VmPTE are \
          ebb's; SecPageTables is L1's KVM second-level tables (one VM at a time); host memory \
          is VmRSS plus the pages of ebb's guest-RAM memfd no mapping maps; ebb's tables are \
          guest-mm's table bytes and, in brackets, the minimum for its leaves; 2 MiB blocks \
-         emptied counts, since the start, the blocks guest-mm released to the host whole \
-         because a give-back emptied them in its tables. Absolute times \
+         emptied counts, since the start, the 2 MiB blocks released to the host whole \
+         because a give-back emptied them. Absolute times \
          under emulation mean little; the ratios do.\n\n",
         z.memory, z.touch, z.ws, z.balloon, z.retouch
     );
