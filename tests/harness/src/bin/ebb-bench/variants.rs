@@ -13,9 +13,9 @@ use crate::{Cli, Round, Sizes, Unit, csv, median, ratio, show};
 /// flags as the rig test of every combination (`scripts/combos-l1.sh`,
 /// `tests/harness/tests/ebb_combinations.rs`; why it is that list: docs/TESTING.md). Tracked
 /// memfd RAM (2 MiB block fills) with each strategy and both of its release modes; tracked
-/// anonymous 4 KiB RAM, page by page and by 16-page windows, the six pairs of strategy and
-/// release mode split between the two fills; untracked RAM once per release mode.
-pub(crate) const VARIANTS: [(&str, &str); 14] = [
+/// anonymous 4 KiB RAM page by page at the `--no-thp` defaults, and by 16-page windows with
+/// `dontneed` and the other two strategies and with `free`; untracked RAM once per release mode.
+pub(crate) const VARIANTS: [(&str, &str); 12] = [
     (
         "memfd-punch-hole-off",
         "--reclaim-strategy off --release-mode punch-hole",
@@ -45,12 +45,8 @@ pub(crate) const VARIANTS: [(&str, &str); 14] = [
         "--no-thp --reclaim-strategy count --release-mode dontneed",
     ),
     (
-        "anon4k-dontneed-off",
-        "--no-thp --reclaim-strategy off --release-mode dontneed",
-    ),
-    (
-        "anon4k-free-scan",
-        "--no-thp --reclaim-strategy scan --release-mode free",
+        "anon4k-w16-dontneed-off",
+        "--no-thp --fault-around 16 --reclaim-strategy off --release-mode dontneed",
     ),
     (
         "anon4k-w16-dontneed-scan",
@@ -61,10 +57,6 @@ pub(crate) const VARIANTS: [(&str, &str); 14] = [
         "--no-thp --fault-around 16 --reclaim-strategy count --release-mode free",
     ),
     (
-        "anon4k-w16-free-off",
-        "--no-thp --fault-around 16 --reclaim-strategy off --release-mode free",
-    ),
-    (
         "untracked-thp-dontneed",
         "--no-track --release-mode dontneed",
     ),
@@ -73,6 +65,37 @@ pub(crate) const VARIANTS: [(&str, &str); 14] = [
         "--no-track --no-thp --release-mode free",
     ),
 ];
+
+/// The ebb flags a variant's label stands for (`memfd-RELEASE-STRATEGY`,
+/// `anon4k[-wN]-RELEASE-STRATEGY`, `untracked-thp|4k-RELEASE`), for round logs of variants no
+/// longer in [`VARIANTS`].
+pub(crate) fn flags_of_label(label: &str) -> Option<String> {
+    if let Some(rest) = label.strip_prefix("untracked-") {
+        let (fill, release) = rest.split_once('-')?;
+        let thp = match fill {
+            "thp" => "",
+            "4k" => " --no-thp",
+            _ => return None,
+        };
+        return Some(format!("--no-track{thp} --release-mode {release}"));
+    }
+    let (rest, strategy) = label.rsplit_once('-')?;
+    let (fill, release) = if let Some(r) = rest.strip_prefix("memfd-") {
+        (String::new(), r)
+    } else if let Some(r) = rest.strip_prefix("anon4k-") {
+        match r.strip_prefix('w').and_then(|w| w.split_once('-')) {
+            Some((n, r)) if n.parse::<u32>().is_ok() => {
+                (format!("--no-thp --fault-around {n} "), r)
+            }
+            _ => ("--no-thp ".to_string(), r),
+        }
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{fill}--reclaim-strategy {strategy} --release-mode {release}"
+    ))
+}
 /// The variant that is ebb's default configuration (tracked memfd RAM, count, punch-hole): the
 /// ratios' denominator.
 pub(crate) const DEFAULT_VARIANT: &str = "memfd-punch-hole-count";
@@ -294,7 +317,9 @@ pub(crate) fn variant_document(
         let f = VARIANTS
             .iter()
             .find(|(l, _)| *l == v)
-            .map_or("?", |(_, f)| *f);
+            .map(|(_, f)| f.to_string())
+            .or_else(|| flags_of_label(&v))
+            .unwrap_or_else(|| "?".into());
         let _ = writeln!(s, "| {v} | `{f}` |");
     }
     s.push('\n');
@@ -474,6 +499,14 @@ mod tests {
         );
         assert!(variants_of("nope").is_err());
         assert!(VARIANTS.iter().any(|(l, _)| *l == DEFAULT_VARIANT));
+        for (l, f) in VARIANTS {
+            assert_eq!(flags_of_label(l).as_deref(), Some(f), "{l}");
+        }
+        assert_eq!(
+            flags_of_label("anon4k-free-scan").as_deref(),
+            Some("--no-thp --reclaim-strategy scan --release-mode free")
+        );
+        assert_eq!(flags_of_label("other"), None);
     }
 
     #[test]
