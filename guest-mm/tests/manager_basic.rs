@@ -505,14 +505,14 @@ fn every_handler_runs_the_start_hook_first_and_a_failing_hook_stops_new() {
         thread_start: Some(refuse),
         ..FaultConfig::default()
     };
-    let err = GuestMm::new(
+    let Err(err) = GuestMm::new(
         &[region(0, 4 * MIB)],
         Strategy::Scan,
         ReleaseMode::DontNeed,
         faults,
-    )
-    .err()
-    .expect("a failing start hook fails new");
+    ) else {
+        panic!("a failing start hook fails new");
+    };
     assert!(matches!(err, ManagerError::Handlers(_)), "{err:?}");
     let text = format!("{:?}", std::error::Error::source(&err));
     assert!(text.contains("no filter for you"), "{text}");

@@ -28,6 +28,9 @@ mkfifo /tmp/peer.in
 rig-peer -s 2000 -T 300 -q "$q" -i /tmp/peer.in -- ebb-guest integrity --mib 256 --wait-console >"$OUT" 2>&1 &
 pid=$!
 exec 3>/tmp/peer.in
+# A peer that has already ended must not take this script with it when the FIFO is written: the
+# script goes on to print the peer's output, which says why it ended.
+trap '' PIPE
 # Ends with the peer's status and its whole output.
 peer_finish() { exec 3>&-; wait "$pid"; st=$?; cat "$OUT"; exit "$st"; }
 # The balloon inflates while the guest holds its pages and sleeps (see the note above).
@@ -49,7 +52,7 @@ while [ $i -lt 120 ]; do
     i=$((i + 1))
 done
 ebb-guest qmp --socket "$q" -- '{"execute":"balloon","arguments":{"value":1073741824}}'
-echo check >&3
+echo check >&3 2>/dev/null
 peer_finish
 "#;
 
