@@ -293,6 +293,17 @@ fn allowlist(
         }
         rules.insert(libc::SYS_ioctl, by_request);
     }
+    // Every thread may ask whether a descriptor is open: Rust's standard library, built with
+    // debug assertions, checks that with fcntl(F_GETFD) before it closes one.
+    if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(libc::SYS_fcntl) {
+        let getfd = SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::F_GETFD as u64,
+        )?;
+        e.insert(vec![SeccompRule::new(vec![getfd])?]);
+    }
     Ok(rules)
 }
 
@@ -302,6 +313,7 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<i64> {
     if !ioctls(kind).is_empty() {
         v.push(libc::SYS_ioctl);
     }
+    v.push(libc::SYS_fcntl);
     v.sort_unstable();
     v.dedup();
     v
