@@ -452,6 +452,8 @@ impl VmMemory {
                 pages_kept: st.pages_kept,
                 promotions: st.promotions,
                 promote_ns: st.promote_ns,
+                faults_deferred: st.handlers.deferred,
+                faults_failed: st.handlers.failed,
             }
         });
         let (host_pte_bytes, kvm_table_bytes) = crate::report::host_table_bytes();

@@ -26,6 +26,12 @@ pub struct TrackStats {
     pub promotions: u64,
     /// See `promotions`.
     pub promote_ns: u64,
+    /// Faults the handlers put back on their retry queue (the page was being released, or a
+    /// remove event was pending), and faults they could not resolve at all: a thread whose
+    /// fault failed stays blocked, so a non-zero `faults_failed` explains a stalled vCPU.
+    pub faults_deferred: u64,
+    /// See `faults_deferred`.
+    pub faults_failed: u64,
 }
 
 /// KVM's nested-table zaps (`--zap-kvm-tables-after`) and what triggers them.
@@ -195,6 +201,12 @@ impl MemoryReport {
                     t.table_bytes, t.min_table_bytes, verdict
                 ));
                 s.push_str(&format!("faults handled:       {:>10}\n", t.faults));
+                if t.faults_deferred + t.faults_failed > 0 {
+                    s.push_str(&format!(
+                        "faults deferred:      {:>10}  (failed, their threads blocked: {})\n",
+                        t.faults_deferred, t.faults_failed
+                    ));
+                }
                 if t.promotions > 0 {
                     s.push_str(&format!(
                         "blocks re-promoted:   {:>10}  ({:.1} ms)\n",
