@@ -416,6 +416,13 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 /// The median over `rounds` of a figure of `vmm` at `phase`.
+/// Table cells: ebb's median of `key` in `phase`, QEMU's, and their ratio.
+fn ebb_and_qemu(rounds: &[&Round], phase: &str, key: &str, unit: Unit) -> String {
+    let e = med(rounds, "ebb", phase, key);
+    let q = med(rounds, "qemu", phase, key);
+    format!("{} | {} | {}", show(e, unit), show(q, unit), ratio(e, q))
+}
+
 fn med(rounds: &[&Round], vmm: &str, phase: &str, key: &str) -> Option<f64> {
     median(
         rounds
@@ -496,16 +503,8 @@ fn tables(setting: &str, all: &[Round]) -> String {
     s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for ph in PHASES {
         let _ = write!(s, "| {ph} ");
-        for (key, unit) in [("VmPTE", Unit::Whole), ("SecPageTables", Unit::Whole)] {
-            let e = med(&rounds, "ebb", ph, key);
-            let q = med(&rounds, "qemu", ph, key);
-            let _ = write!(
-                s,
-                "| {} | {} | {} ",
-                show(e, unit),
-                show(q, unit),
-                ratio(e, q)
-            );
+        for key in ["VmPTE", "SecPageTables"] {
+            let _ = write!(s, "| {} ", ebb_and_qemu(&rounds, ph, key, Unit::Whole));
         }
         let _ = writeln!(
             s,
@@ -549,15 +548,7 @@ fn tables(setting: &str, all: &[Round]) -> String {
             Unit::Whole,
         ),
     ] {
-        let e = med(&rounds, "ebb", phase, key);
-        let q = med(&rounds, "qemu", phase, key);
-        let _ = writeln!(
-            s,
-            "| {what} | {} | {} | {} |",
-            show(e, unit),
-            show(q, unit),
-            ratio(e, q)
-        );
+        let _ = writeln!(s, "| {what} | {} |", ebb_and_qemu(&rounds, phase, key, unit));
     }
     s.push('\n');
     // ebb's counters only grow: the last phase has the whole run's.
