@@ -291,18 +291,6 @@ variant_flags() {
     done | head -n 1
 }
 
-# The rig fault of ebb's guest that the last run's console shows, if any (as the harness's
-# RigFault names them).
-rig_fault() {
-    if [ "$st" -eq 3 ] && grep -q "triple-faulted" "$OUT"; then
-        echo "L2 triple fault under ebb"
-    elif [ "$st" -eq 4 ] && grep -q "internal error, suberror 3" "$OUT"; then
-        echo "KVM internal error (suberror 3) under ebb"
-    elif grep -q "Oops: int3" "$OUT"; then
-        echo "L2 guest kernel int3 oops"
-    fi
-}
-
 # Runs the scenario once for $V and waits for the VMM; sets st (its exit status).
 run_once() {
     failed=0 pid="" vpid="" spid=""

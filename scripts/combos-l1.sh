@@ -121,18 +121,6 @@ one_run() {
     st=$?
 }
 
-# The rig fault of ebb's guest that the last run's console shows, if any (as the harness's
-# RigFault names them).
-rig_fault() {
-    if [ "$st" -eq 3 ] && grep -q "triple-faulted" "$OUT"; then
-        echo "L2 triple fault under ebb"
-    elif [ "$st" -eq 4 ] && grep -q "internal error, suberror 3" "$OUT"; then
-        echo "KVM internal error (suberror 3) under ebb"
-    elif grep -q "Oops: int3" "$OUT"; then
-        echo "L2 guest kernel int3 oops"
-    fi
-}
-
 # Runs the combination labelled $1 with the ebb flags that follow, unless COMBOS leaves it out.
 combo() {
     _l=$1

@@ -61,6 +61,18 @@ start_ebb_api() {
     "$CTL" --api-sock "$S" PUT /actions '{"action_type":"InstanceStart"}'
 }
 
+# The rig fault of ebb's guest that the last run's console ($OUT) and exit status ($st) show,
+# if any (as the harness's RigFault names them).
+rig_fault() {
+    if [ "$st" -eq 3 ] && grep -q "triple-faulted" "$OUT"; then
+        echo "L2 triple fault under ebb"
+    elif [ "$st" -eq 4 ] && grep -q "internal error, suberror 3" "$OUT"; then
+        echo "KVM internal error (suberror 3) under ebb"
+    elif grep -q "Oops: int3" "$OUT"; then
+        echo "L2 guest kernel int3 oops"
+    fi
+}
+
 # Sends the line $1 to the guest's console (ebb keeps it until the guest's UART listens).
 tell_guest() { echo "$1" >&3 2>/dev/null; }
 
