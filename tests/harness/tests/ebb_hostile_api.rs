@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{check_exit_report, checked_snapshots, fields, run_balloon_script_with};
+use common::{check_exit_report, checked_snapshots, default_rig, fields, run_balloon_script_on};
 
 const SCRIPT: &str = r#"
 E="$EBB_RIG_INPUTS/ebb"; CTL="$EBB_RIG_INPUTS/ebb-ctl"; S=/run/ebb.sock; OUT=/tmp/ebb.out
@@ -40,7 +40,8 @@ finish
 #[test]
 fn ebb_keeps_serving_and_the_balloon_cycle_completes_under_hostile_clients() {
     let hostile = ebb_harness::static_harness_bin("ebb-hostile").unwrap_or_else(|e| panic!("{e}"));
-    let (out, text) = run_balloon_script_with(
+    let (out, text) = run_balloon_script_on(
+        &default_rig(),
         "ebb_hostile_api",
         SCRIPT,
         &[],

@@ -19,23 +19,17 @@ pub fn run_balloon_script(
     env: &[(&str, String)],
     timeout: Duration,
 ) -> (RunOutput, String) {
-    run_balloon_script_with(name, script, env, &[], timeout)
+    run_balloon_script_on(&default_rig(), name, script, env, &[], timeout)
 }
 
-/// [`run_balloon_script`] with more host files copied into the job's directory.
+/// The rig as the environment describes it (`resources/setup.sh` writes it).
 #[allow(dead_code)]
-pub fn run_balloon_script_with(
-    name: &str,
-    script: &str,
-    env: &[(&str, String)],
-    inputs: &[std::path::PathBuf],
-    timeout: Duration,
-) -> (RunOutput, String) {
-    let rig = Rig::from_env().expect("rig images (run resources/setup.sh first)");
-    run_balloon_script_on(&rig, name, script, env, inputs, timeout)
+pub fn default_rig() -> Rig {
+    Rig::from_env().expect("rig images (run resources/setup.sh first)")
 }
 
-/// [`run_balloon_script_with`] on a rig the caller configured.
+/// [`run_balloon_script`] on a rig the caller configured, with more host files (`inputs`)
+/// copied into the job's directory.
 pub fn run_balloon_script_on(
     rig: &Rig,
     name: &str,
