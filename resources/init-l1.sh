@@ -7,6 +7,7 @@
 #   EBB-RIG-SAMPLE label=.. pid=.. comm=.. t_ms=.. VmRSS=.. VmPTE=.. SecPageTables=.. PageTables=..
 #   EBB-RIG-L1-OOPS <message>                 L1's own kernel oopsed (the harness stops the run)
 #   EBB-RIG-L1-LOCKUP <message>               L1's kernel saw a CPU stuck (soft lockup, RCU stall)
+#   EBB-RIG-ALIVE                             every 15 s while the job runs: L1 still runs
 #   EBB-RIG-END status=N                      the job's exit status
 #   EBB-RIG-MEMINFO SecPageTables=N PageTables=N   (kB, after /proc/sys/vm/stat_refresh)
 #   EBB-RIG-DONE

@@ -66,6 +66,10 @@ impl Console {
     /// Parses and stores one line.
     pub fn push(&mut self, line: String) {
         self.transcript.feed(&line);
+        if line.contains("EBB-RIG-ALIVE") {
+            // L1's heartbeat: counted by the transcript, kept out of the console lines.
+            return;
+        }
         if self.head.len() < MAX_LINES {
             self.head.push(line);
             return;

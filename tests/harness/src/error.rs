@@ -57,6 +57,10 @@ pub enum RigError {
     /// seconds after the first report instead of waiting for its timeout.
     #[error("L1 kernel lockup: {message}; last console lines:\n{tail}")]
     L1Lockup { message: String, tail: String },
+    /// L1's heartbeat (`EBB-RIG-ALIVE`, every 15 s while the job runs) stopped: L1 itself made no
+    /// progress for `silent`, and the run was stopped then instead of at its timeout.
+    #[error("L1 stopped: no heartbeat for {silent:?}; last console lines:\n{tail}")]
+    L1Stopped { silent: Duration, tail: String },
     /// L1's emulated CPU triple-faulted (QEMU's log says "Triple fault"); with `-no-reboot` QEMU
     /// then exits with status 0, in the middle of the job.
     #[error("L1 triple-faulted (QEMU's log); last console lines:\n{tail}")]

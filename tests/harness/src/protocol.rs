@@ -79,6 +79,8 @@ pub struct Transcript {
     /// From `EBB-RIG-L1-LOCKUP`, or from L1's own report on the console: L1's kernel saw a CPU
     /// stuck (a soft lockup or an RCU stall).
     pub l1_lockup: Option<String>,
+    /// `EBB-RIG-ALIVE` lines seen: L1's heartbeat while the job runs.
+    pub heartbeats: u64,
     /// The last kernel report's opening line seen, until a line naming a module only L1 has
     /// tells whose kernel it was.
     last_report: Option<(KernelReport, String)>,
@@ -180,6 +182,10 @@ impl Transcript {
                 vm_pte_kb: num(&m, "VmPTE"),
                 meminfo: meminfo_of(&m),
             });
+            return;
+        }
+        if line.contains("EBB-RIG-ALIVE") {
+            self.heartbeats += 1;
             return;
         }
         if let Some(r) = after(line, "EBB-RIG-L1-OOPS ") {
@@ -311,6 +317,15 @@ EBB-RIG-DONE\r
             "[ 9.0] WARNING: CPU: 0 at x\n[ 9.0] Modules linked in: kvm_amd kvm irqbypass\n",
         );
         assert_eq!(warn.l1_oops, None);
+    }
+
+    #[test]
+    fn l1_heartbeats_are_counted_and_kept_out_of_the_output() {
+        let t = Transcript::parse(
+            "EBB-RIG-BEGIN\nbefore\nEBB-RIG-ALIVE\r\nafter\nEBB-RIG-ALIVE\nEBB-RIG-END status=0\n",
+        );
+        assert_eq!(t.heartbeats, 2);
+        assert_eq!(t.output, ["before", "after"]);
     }
 
     #[test]

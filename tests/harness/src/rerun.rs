@@ -47,6 +47,9 @@ pub enum RigFault {
     /// in L1's user space (ebb, the peer) can reset L1's CPU; this is the emulation or L1's
     /// kernel.
     L1TripleFault,
+    /// L1's heartbeat stopped mid-run (its timer and scheduler made no progress for minutes):
+    /// the emulation of L1 stopped, whatever ran inside it.
+    L1Stopped,
     /// ebb's L2 guest triple-faulted: ebb exited with status 3 and said so.
     EbbTripleFault,
     /// KVM stopped ebb's L2 guest with an internal error of suberror 3 (delivering an event
@@ -66,11 +69,12 @@ pub enum RigFault {
 
 impl RigFault {
     /// Every known fault, in detection order.
-    pub const ALL: [RigFault; 10] = [
+    pub const ALL: [RigFault; 11] = [
         RigFault::L1Oops,
         RigFault::L1Lockup,
         RigFault::L1Boot,
         RigFault::L1TripleFault,
+        RigFault::L1Stopped,
         RigFault::EbbTripleFault,
         RigFault::EbbKvmInternalError,
         RigFault::GuestInt3Oops,
@@ -86,6 +90,7 @@ impl RigFault {
             RigFault::L1Lockup => "L1 kernel lockup",
             RigFault::L1Boot => "L1 did not boot",
             RigFault::L1TripleFault => "L1 triple fault",
+            RigFault::L1Stopped => "L1 stopped (no heartbeat)",
             RigFault::EbbTripleFault => "L2 triple fault under ebb",
             RigFault::EbbKvmInternalError => "KVM internal error (suberror 3) under ebb",
             RigFault::GuestInt3Oops => "L2 guest kernel int3 oops",
@@ -116,6 +121,10 @@ impl RigFault {
             (RigFault::L1TripleFault, Err(RigError::L1TripleFault { tail })) => {
                 Some(format!("QEMU logged a triple fault of L1's CPU\n{tail}"))
             }
+            (RigFault::L1Stopped, Err(RigError::L1Stopped { silent, tail })) => Some(format!(
+                "L1 printed no heartbeat for {} s\n{tail}",
+                silent.as_secs()
+            )),
             (RigFault::EbbTripleFault, Ok(out)) if out.status == EBB_EXIT_TRIPLE_FAULT => {
                 evidence(out, |l| l.contains("triple-faulted"))
             }
@@ -326,6 +335,7 @@ mod tests {
             console: Vec::new(),
             elapsed: Duration::from_secs(90),
             rig_faults: Vec::new(),
+            l1_heartbeats: 0,
         })
     }
 
@@ -548,5 +558,20 @@ mod tests {
             all.classify(&reset).map(|(f, _)| f),
             Some(RigFault::L1TripleFault)
         );
+        // L1's heartbeat stopped: named, with the silence and the console as evidence; a job
+        // that merely outlived its timeout (L1 still beating) is not.
+        let stopped = Err(RigError::L1Stopped {
+            silent: Duration::from_secs(300),
+            tail: "EBB-BALLOON-STATS label=end".into(),
+        });
+        let (f, evidence) = all.classify(&stopped).expect("named");
+        assert_eq!(f, RigFault::L1Stopped);
+        assert!(evidence.contains("no heartbeat for 300 s"), "{evidence}");
+        assert!(evidence.contains("label=end"), "{evidence}");
+        let slow = Err(RigError::Timeout {
+            after: Duration::from_secs(2700),
+            tail: String::new(),
+        });
+        assert_eq!(all.classify(&slow), None);
     }
 }

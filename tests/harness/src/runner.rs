@@ -19,6 +19,11 @@ use crate::tempdir::TempDir;
 /// How long a run may go on after L1's kernel oopsed (to print the trace).
 const OOPS_GRACE: Duration = Duration::from_secs(10);
 
+/// How long L1 may go without its heartbeat (`EBB-RIG-ALIVE`, every 15 s of L1's time) once
+/// the job has begun before the run counts as lost with L1 ([`RigError::L1Stopped`]). Far above
+/// the heartbeat's period even when the machine's load slows L1 several times.
+const L1_SILENCE: Duration = Duration::from_secs(300);
+
 /// What is missing when L1's console ended before it reached the job (see [`RigFault::L1Boot`]).
 pub const L1_DID_NOT_BOOT: &str = "EBB-RIG-KVM (L1 did not boot)";
 
@@ -53,6 +58,9 @@ pub struct RunOutput {
     pub elapsed: Duration,
     /// Earlier attempts that ended in a rig fault and were run again (see [`Reruns`]).
     pub rig_faults: Vec<FaultSeen>,
+    /// L1's heartbeats (`EBB-RIG-ALIVE`) during the job: one per 15 s of L1's time, none in
+    /// host mode.
+    pub l1_heartbeats: u64,
 }
 
 impl RunOutput {
@@ -151,14 +159,15 @@ impl Rig {
     }
 
     /// The default re-runs: L1's own faults ([`RigFault::L1Oops`], [`RigFault::L1Lockup`],
-    /// [`RigFault::L1Boot`], [`RigFault::L1TripleFault`]), at most [`Rig::l1_oops_retries`]
-    /// times. Tests add their own faults to it with [`Reruns::on`].
+    /// [`RigFault::L1Boot`], [`RigFault::L1TripleFault`], [`RigFault::L1Stopped`]), at most
+    /// [`Rig::l1_oops_retries`] times. Tests add their own faults to it with [`Reruns::on`].
     pub fn l1_reruns(&self, what: impl Into<String>) -> Reruns {
         Reruns::new(what, self.l1_oops_retries)
             .on(RigFault::L1Oops)
             .on(RigFault::L1Lockup)
             .on(RigFault::L1Boot)
             .on(RigFault::L1TripleFault)
+            .on(RigFault::L1Stopped)
     }
 
     /// The re-runs of a job that runs ebb's guest: [`Rig::l1_reruns`] and the rig faults seen in
@@ -268,6 +277,7 @@ impl Rig {
             console,
             elapsed,
             rig_faults: Vec::new(),
+            l1_heartbeats: t.heartbeats,
         })
     }
 
@@ -411,8 +421,15 @@ impl Rig {
         let mut oops_deadline: Option<Instant> = None;
         let mut console = Console::default();
         let mut timed_out = false;
+        // Set by the first heartbeat: L1 must beat again before it passes.
+        let mut silence_deadline: Option<Instant> = None;
+        let mut beats = 0;
+        let mut l1_stopped = false;
         loop {
-            let until = oops_deadline.map_or(deadline, |o| o.min(deadline));
+            let until = [oops_deadline, silence_deadline]
+                .into_iter()
+                .flatten()
+                .fold(deadline, Instant::min);
             let left = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
@@ -421,6 +438,10 @@ impl Rig {
                     }
                     console.push(line);
                     let t = &console.transcript;
+                    if t.heartbeats != beats {
+                        beats = t.heartbeats;
+                        silence_deadline = Some(Instant::now() + L1_SILENCE);
+                    }
                     if oops_deadline.is_none() && (t.l1_oops.is_some() || t.l1_lockup.is_some()) {
                         oops_deadline = Some(Instant::now() + OOPS_GRACE);
                     }
@@ -428,6 +449,11 @@ impl Rig {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if oops_deadline.is_some_and(|o| Instant::now() >= o) {
                         // Stopped for the oops, reported as such by run_once.
+                        kill(&mut child, group);
+                        break;
+                    }
+                    if silence_deadline.is_some_and(|s| Instant::now() >= s && s < deadline) {
+                        l1_stopped = true;
                         kill(&mut child, group);
                         break;
                     }
@@ -447,6 +473,12 @@ impl Rig {
         let _ = reader.join();
         let err_text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         let (transcript, console) = console.into_lines();
+        if l1_stopped {
+            return Err(RigError::L1Stopped {
+                silent: L1_SILENCE,
+                tail: tail(&console),
+            });
+        }
         if timed_out {
             let mut t = tail(&console);
             if !err_text.is_empty() {

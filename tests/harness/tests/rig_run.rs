@@ -77,6 +77,17 @@ fn program_with_input_runs_in_l1() {
 }
 
 #[test]
+fn l1_beats_while_a_job_runs() {
+    // The heartbeat that tells a lost L1 (RigFault::L1Stopped) from a job that hangs.
+    let out = rig()
+        .run(&Job::shell("sleep 35").timeout(Duration::from_secs(300)))
+        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
+    assert_eq!(out.status, 0);
+    assert!(out.l1_heartbeats >= 2, "{} heartbeats", out.l1_heartbeats);
+    assert!(out.output.iter().all(|l| !l.contains("EBB-RIG-ALIVE")));
+}
+
+#[test]
 fn timeout_kills_the_run() {
     let rig = rig();
     let start = Instant::now();
