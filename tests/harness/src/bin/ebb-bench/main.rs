@@ -340,6 +340,12 @@ impl Round {
         self.problems.is_empty() && self.vmm_problems.get(vmm).is_none_or(Vec::is_empty)
     }
 
+    /// Whether `vmm` is in this round's order (a round of an older variant list may not have
+    /// run every variant of today's).
+    fn ran(&self, vmm: &str) -> bool {
+        self.names().iter().any(|v| v == vmm)
+    }
+
     /// Every reason this round or part of it does not count.
     fn all_problems(&self) -> Vec<String> {
         let mut v = self.problems.clone();

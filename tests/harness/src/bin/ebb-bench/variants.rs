@@ -150,7 +150,7 @@ pub(crate) fn variant_tables(setting: &str, all: &[Round]) -> String {
                 .collect(),
         )
     };
-    let counted = |v: &str| of_setting.iter().filter(|r| r.counts(v)).count();
+    let counted = |v: &str| of_setting.iter().filter(|r| r.ran(v) && r.counts(v)).count();
     let d = DEFAULT_VARIANT;
     let mut s = String::new();
     let n = of_setting.len();
@@ -484,6 +484,18 @@ mod tests {
         assert!(t.contains("| b | – | – | 100 | 1.00 | 40 | 1.00 |"), "{t}");
         let d = variant_document(&rounds, &["off".into()], "cmd", "abc");
         assert!(d.contains("256 MiB, 1 vCPU"), "{d}");
+        // A round of an older list that did not run `b` is no sample of it.
+        let older = log
+            .replace("round=1", "round=2")
+            .replace("+b+", "+")
+            .lines()
+            .filter(|l| !l.contains("vmm=b "))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
+        let two = vec![Round::parse(&log), Round::parse(&older)];
+        let t = variant_tables("off", &two);
+        assert!(t.contains(&format!("| {DEFAULT_VARIANT} | 2 |")), "{t}");
+        assert!(t.contains("| b | 1 |"), "{t}");
     }
 
     #[test]
