@@ -554,7 +554,11 @@ fn tables(setting: &str, all: &[Round]) -> String {
             Unit::Whole,
         ),
     ] {
-        let _ = writeln!(s, "| {what} | {} |", ebb_and_qemu(&rounds, phase, key, unit));
+        let _ = writeln!(
+            s,
+            "| {what} | {} |",
+            ebb_and_qemu(&rounds, phase, key, unit)
+        );
     }
     s.push('\n');
     // ebb's counters only grow: the last phase has the whole run's.

@@ -150,7 +150,12 @@ pub(crate) fn variant_tables(setting: &str, all: &[Round]) -> String {
                 .collect(),
         )
     };
-    let counted = |v: &str| of_setting.iter().filter(|r| r.ran(v) && r.counts(v)).count();
+    let counted = |v: &str| {
+        of_setting
+            .iter()
+            .filter(|r| r.ran(v) && r.counts(v))
+            .count()
+    };
     let d = DEFAULT_VARIANT;
     let mut s = String::new();
     let n = of_setting.len();
