@@ -20,7 +20,8 @@
 # STRESS_SEED (random), STRESS_MIN_MIB / STRESS_MAX_MIB (the targets' range, 32 / 320),
 # EBB_MEMORY_MIB (1024), STRESS_HOLD_MIB (integrity's pages, 64), STRESS_EBB_FLAGS (more ebb
 # flags, default --hlt-in-guest: docs/ARCHITECTURE.md, "Known flakiness"),
-# STRESS_BALLOON_TIMEOUT_S (240: how long one balloon change may take), STRESS_WEIGHT and
+# STRESS_BALLOON_TIMEOUT_S (240: how long one balloon change may take), STRESS_SPARE_MIB (256:
+# what a target leaves of the memory the guest last reported available), STRESS_WEIGHT and
 # STRESS_CPU_US (the stressors' cgroup cpu.weight, default 100, and cpu.max quota per 100 ms).
 D=${EBB_RIG_INPUTS:-.}
 E="$D/ebb"; CTL="$D/ebb-ctl"; S=/run/ebb-stress.sock; OUT=/tmp/ebb-stress.out
@@ -30,6 +31,7 @@ MINUTES=${STRESS_MINUTES:-0}
 MIN=${STRESS_MIN_MIB:-32}
 MAX=${STRESS_MAX_MIB:-320}
 HOLD=${STRESS_HOLD_MIB:-64}
+SPARE=${STRESS_SPARE_MIB:-256}
 EBB_MEMORY_MIB=${EBB_MEMORY_MIB:-1024}
 # Balloon changes get this long (seconds); the rig is slow under load, and a stuck balloon fails.
 TO=${STRESS_BALLOON_TIMEOUT_S:-240}
@@ -52,6 +54,13 @@ now_ms() {
 next_target() {
     SEED=$(((SEED * 1103515245 + 12345) % 2147483648))
     T=$((MIN + (SEED >> 8) % (MAX - MIN + 1)))
+    # A balloon takes only what the guest can spare: its driver waits, short of the target, while
+    # the stressors hold the rest (a 303 MiB target stopped at 256 MiB with 467 MiB available).
+    # So the target leaves SPARE MiB of what the guest last reported available.
+    _avail=$(api_get /balloon/statistics | num available_memory)
+    _cap=$((${_avail:-0} / 1048576 - SPARE))
+    [ "$_cap" -lt "$MIN" ] && _cap=$MIN
+    [ "$T" -gt "$_cap" ] && T=$_cap
 }
 
 # ebb's host figures as key=value: its VmRSS and the parts of it, VmPTE (kB, /proc), and from the
