@@ -421,7 +421,6 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-/// The median over `rounds` of a figure of `vmm` at `phase`.
 /// Table cells: ebb's median of `key` in `phase`, QEMU's, and their ratio.
 fn ebb_and_qemu(rounds: &[&Round], phase: &str, key: &str, unit: Unit) -> String {
     let e = med(rounds, "ebb", phase, key);
@@ -429,6 +428,7 @@ fn ebb_and_qemu(rounds: &[&Round], phase: &str, key: &str, unit: Unit) -> String
     format!("{} | {} | {}", show(e, unit), show(q, unit), ratio(e, q))
 }
 
+/// The median over `rounds` of a figure of `vmm` at `phase`.
 fn med(rounds: &[&Round], vmm: &str, phase: &str, key: &str) -> Option<f64> {
     median(
         rounds
