@@ -66,7 +66,7 @@ impl Console {
     /// Parses and stores one line.
     pub fn push(&mut self, line: String) {
         self.transcript.feed(&line);
-        if line.contains("EBB-RIG-ALIVE") {
+        if crate::protocol::is_heartbeat(&line) {
             // L1's heartbeat: counted by the transcript, kept out of the console lines.
             return;
         }

@@ -13,6 +13,11 @@ pub struct Meminfo {
     pub page_tables_kb: u64,
 }
 
+/// Whether `line` is L1's heartbeat (`EBB-RIG-ALIVE`, printed by rig-job every 15 s).
+pub fn is_heartbeat(line: &str) -> bool {
+    line.contains("EBB-RIG-ALIVE")
+}
+
 /// One `EBB-RIG-SAMPLE` line: a process's memory and L1's page-table counters at that moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcSample {
@@ -184,7 +189,7 @@ impl Transcript {
             });
             return;
         }
-        if line.contains("EBB-RIG-ALIVE") {
+        if is_heartbeat(line) {
             self.heartbeats += 1;
             return;
         }
