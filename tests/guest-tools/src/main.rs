@@ -9,11 +9,13 @@
 //! ebb-guest wait-line                     (wait for a line on the console, print EBB-GUEST-LINE <line>)
 //! ebb-guest qmp       --socket PATH [--timeout-secs S] -- JSON...
 //! ebb-guest lines     [--tee FILE]        (relay stdin to stdout one line per write)
+//! ebb-guest kvm-pin                       (in L1: hold an idle KVM VM; prints the holder's pid)
 //! ```
 
 mod args;
 mod error;
 mod integrity;
+mod kvm_pin;
 mod lines;
 mod mem;
 mod pattern;
@@ -24,7 +26,7 @@ mod workloads;
 
 use error::ToolError;
 
-const USAGE: &str = "usage: ebb-guest <touch|churn|hog|integrity|qmp|lines|wait-line> [--option value]... (see the crate docs)";
+const USAGE: &str = "usage: ebb-guest <touch|churn|hog|integrity|qmp|lines|wait-line|kvm-pin> [--option value]... (see the crate docs)";
 
 fn run(argv: &[String]) -> Result<i32, ToolError> {
     let Some((cmd, rest)) = argv.split_first() else {
@@ -37,6 +39,7 @@ fn run(argv: &[String]) -> Result<i32, ToolError> {
         "integrity" => integrity::integrity(rest),
         "qmp" => qmp::qmp(rest),
         "lines" => lines::lines(rest),
+        "kvm-pin" => kvm_pin::kvm_pin(rest),
         "wait-line" => {
             let line = signal::read_console_line().map_err(|e| ToolError::Io {
                 what: "read a line from /dev/console".into(),

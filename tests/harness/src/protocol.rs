@@ -86,6 +86,9 @@ pub struct Transcript {
     pub l1_lockup: Option<String>,
     /// `EBB-RIG-ALIVE` lines seen: L1's heartbeat while the job runs.
     pub heartbeats: u64,
+    /// From `EBB-RIG-KVM-PIN`: the idle VM L1 holds during the job (`pid=N`), or why it could
+    /// not (in L1 only).
+    pub kvm_pin: Option<String>,
     /// The last kernel report's opening line seen, until a line naming a module only L1 has
     /// tells whose kernel it was.
     last_report: Option<(KernelReport, String)>,
@@ -191,6 +194,10 @@ impl Transcript {
         }
         if is_heartbeat(line) {
             self.heartbeats += 1;
+            return;
+        }
+        if let Some(r) = after(line, "EBB-RIG-KVM-PIN ") {
+            self.kvm_pin = Some(r.to_string());
             return;
         }
         if let Some(r) = after(line, "EBB-RIG-L1-OOPS ") {
@@ -331,6 +338,18 @@ EBB-RIG-DONE\r
         );
         assert_eq!(t.heartbeats, 2);
         assert_eq!(t.output, ["before", "after"]);
+    }
+
+    #[test]
+    fn the_held_vm_line_is_recorded_and_kept_out_of_the_output() {
+        let t = Transcript::parse(
+            "EBB-RIG-BEGIN\nEBB-RIG-KVM-PIN pid=97\r\njob\nEBB-RIG-END status=0\n",
+        );
+        assert_eq!(t.kvm_pin.as_deref(), Some("pid=97"));
+        assert_eq!(t.output, ["job"]);
+        // EBB-RIG-KVM (L1's KVM check) is another line.
+        let k = Transcript::parse("EBB-RIG-KVM ok npt=Y\n");
+        assert_eq!((k.kvm.as_deref(), k.kvm_pin), (Some("ok npt=Y"), None));
     }
 
     #[test]

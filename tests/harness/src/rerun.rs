@@ -336,6 +336,7 @@ mod tests {
             elapsed: Duration::from_secs(90),
             rig_faults: Vec::new(),
             l1_heartbeats: 0,
+            l1_kvm_pin: None,
         })
     }
 

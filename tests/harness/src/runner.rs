@@ -61,6 +61,9 @@ pub struct RunOutput {
     /// L1's heartbeats (`EBB-RIG-ALIVE`) during the job: one per 15 s of L1's time, none in
     /// host mode.
     pub l1_heartbeats: u64,
+    /// L1's held idle VM during the job (`pid=N`, see `ebb-guest kvm-pin`), or why it could
+    /// not be held; `None` in host mode.
+    pub l1_kvm_pin: Option<String>,
 }
 
 impl RunOutput {
@@ -278,6 +281,7 @@ impl Rig {
             elapsed,
             rig_faults: Vec::new(),
             l1_heartbeats: t.heartbeats,
+            l1_kvm_pin: t.kvm_pin.clone(),
         })
     }
 

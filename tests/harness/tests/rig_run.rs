@@ -88,6 +88,33 @@ fn l1_beats_while_a_job_runs() {
 }
 
 #[test]
+fn l1_holds_an_idle_vm_through_the_job() {
+    // ebb-guest kvm-pin: with one VM always alive, the job's VMs never flip KVM's static keys,
+    // whose text rewrites are what L1 oopses on under TCG (docs/ARCHITECTURE.md).
+    let out = rig()
+        .run(
+            &Job::shell(
+                "ls -l /proc/*/fd 2>/dev/null | grep -c 'anon_inode:kvm-vm'; \
+                 grep SecPageTables /proc/meminfo",
+            )
+            .timeout(Duration::from_secs(300)),
+        )
+        .unwrap_or_else(|e| panic!("rig run failed: {e}"));
+    assert_eq!(out.status, 0, "{}", out.output_text());
+    let pin = out.l1_kvm_pin.as_deref().unwrap_or("(no line)");
+    assert!(pin.starts_with("pid="), "L1 held no VM: {pin}");
+    assert_eq!(
+        out.output.first().map(String::as_str),
+        Some("1"),
+        "{}",
+        out.output_text()
+    );
+    // Its vCPU never runs, so it owns no nested page tables.
+    assert_eq!(out.meminfo.sec_page_tables_kb, 0);
+    assert!(out.output.iter().all(|l| !l.contains("EBB-RIG-KVM-PIN")));
+}
+
+#[test]
 fn timeout_kills_the_run() {
     let rig = rig();
     let start = Instant::now();
