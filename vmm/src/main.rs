@@ -95,8 +95,14 @@ fn main() -> ExitCode {
         Ok(outcome) => {
             eprintln!("\n{}", outcome.report.render());
             let exits: u64 = outcome.vcpu_stats.iter().map(|s| s.exits).sum();
+            let stale: u64 = outcome.vcpu_stats.iter().map(|s| s.stale_vectoring).sum();
+            let stale = if stale > 0 {
+                format!(", {stale} MMIO accesses run again after a stale event-delivery report")
+            } else {
+                String::new()
+            };
             eprintln!(
-                "ebb: {} after {:.3} s ({} vCPU exits)",
+                "ebb: {} after {:.3} s ({} vCPU exits{stale})",
                 outcome.reason.describe(),
                 outcome.elapsed.as_secs_f64(),
                 exits

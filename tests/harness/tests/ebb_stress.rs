@@ -254,6 +254,7 @@ fn stress_balloon_cycles_under_guest_memory_stress() {
         l1_cpus: rig.l1_cpus,
         elapsed: out.elapsed,
         rig_faults: out.rig_faults.len(),
+        stale_reruns: stale_event_delivery_reruns(&text),
     };
     let table = summary(&plan, &cycles, &end);
     eprintln!("{table}");
@@ -274,6 +275,17 @@ struct End {
     l1_cpus: u32,
     elapsed: Duration,
     rig_faults: usize,
+    /// MMIO accesses ebb ran again after KVM's stale "during event delivery" report (its exit
+    /// line; docs/ARCHITECTURE.md).
+    stale_reruns: u64,
+}
+
+/// From ebb's exit line: "..., N MMIO accesses run again after a stale event-delivery report)".
+fn stale_event_delivery_reruns(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(" MMIO accesses run again"))
+        .filter_map(|(head, _)| head.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// The summary: one row per cycle, then the run's totals.
@@ -282,7 +294,8 @@ fn summary(plan: &Plan, cycles: &[Cycle], end: &End) -> String {
     let mut t = String::new();
     t.push_str(&format!(
         "Stress run: {} cycles, seed {}, targets {}..={} MiB of {GUEST_MIB} MiB, \
-         {:.0} s in the rig (L1 with {} CPU(s)), rig faults re-run: {}\n\
+         {:.0} s in the rig (L1 with {} CPU(s)), rig faults re-run: {}, MMIO accesses ebb \
+         ran again after a stale event-delivery report: {}\n\
          integrity: {} pages checked, {} bad; churn: {} operations, every discarded page \
          read back as zero; stress-ng: every stressor passed its own checks\n\n",
         cycles.len(),
@@ -292,6 +305,7 @@ fn summary(plan: &Plan, cycles: &[Cycle], end: &End) -> String {
         end.elapsed.as_secs_f64(),
         end.l1_cpus,
         end.rig_faults,
+        end.stale_reruns,
         end.checked,
         end.bad_pages,
         end.churn_ops,

@@ -74,6 +74,11 @@ impl Bus {
         (off.checked_add(size as u64)? <= e.len).then_some((e, off))
     }
 
+    /// Whether a device on the bus claims the byte at `addr`.
+    pub fn claims(&self, addr: u64) -> bool {
+        self.find(addr, 1).is_some()
+    }
+
     /// Dispatches a read; returns false (leaving `data` untouched) if no device claims it.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
@@ -140,5 +145,7 @@ mod tests {
         assert!(!bus.read(u64::MAX - 1, &mut b));
         assert!(bus.write(0x112, &[9]));
         assert_eq!(dev.lock().unwrap().0, vec![(2, vec![9])]);
+        assert!(bus.claims(0x100) && bus.claims(0x11f));
+        assert!(!bus.claims(0xff) && !bus.claims(0x120) && !bus.claims(u64::MAX));
     }
 }
