@@ -59,8 +59,17 @@ pub enum RigError {
     L1Lockup { message: String, tail: String },
     /// L1's heartbeat (`EBB-RIG-ALIVE`, every 15 s while the job runs) stopped: L1 itself made no
     /// progress for `silent`, and the run was stopped then instead of at its timeout.
-    #[error("L1 stopped: no heartbeat for {silent:?}; last console lines:\n{tail}")]
-    L1Stopped { silent: Duration, tail: String },
+    /// `cpu` is what the outer QEMU's monitor said about L1's CPUs then (`info cpus`,
+    /// `info registers -a`), or why it could not be asked.
+    #[error(
+        "L1 stopped: no heartbeat for {silent:?}; last console lines:\n{tail}\n\
+         L1's CPUs then (outer QEMU's monitor):\n{cpu}"
+    )]
+    L1Stopped {
+        silent: Duration,
+        tail: String,
+        cpu: String,
+    },
     /// L1's emulated CPU triple-faulted (QEMU's log says "Triple fault"); with `-no-reboot` QEMU
     /// then exits with status 0, in the middle of the job.
     #[error("L1 triple-faulted (QEMU's log); last console lines:\n{tail}")]

@@ -121,8 +121,8 @@ impl RigFault {
             (RigFault::L1TripleFault, Err(RigError::L1TripleFault { tail })) => {
                 Some(format!("QEMU logged a triple fault of L1's CPU\n{tail}"))
             }
-            (RigFault::L1Stopped, Err(RigError::L1Stopped { silent, tail })) => Some(format!(
-                "L1 printed no heartbeat for {} s\n{tail}",
+            (RigFault::L1Stopped, Err(RigError::L1Stopped { silent, tail, cpu })) => Some(format!(
+                "L1 printed no heartbeat for {} s\n{tail}\nL1's CPUs then:\n{cpu}",
                 silent.as_secs()
             )),
             (RigFault::EbbTripleFault, Ok(out)) if out.status == EBB_EXIT_TRIPLE_FAULT => {
@@ -564,11 +564,13 @@ mod tests {
         let stopped = Err(RigError::L1Stopped {
             silent: Duration::from_secs(300),
             tail: "EBB-BALLOON-STATS label=end".into(),
+            cpu: "CPU#0 ... HLT=1".into(),
         });
         let (f, evidence) = all.classify(&stopped).expect("named");
         assert_eq!(f, RigFault::L1Stopped);
         assert!(evidence.contains("no heartbeat for 300 s"), "{evidence}");
         assert!(evidence.contains("label=end"), "{evidence}");
+        assert!(evidence.contains("HLT=1"), "{evidence}");
         let slow = Err(RigError::Timeout {
             after: Duration::from_secs(2700),
             tail: String::new(),

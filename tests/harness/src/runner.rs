@@ -2,7 +2,7 @@
 //! on a host with hardware virtualization. Both speak the same console protocol (`rig-job`).
 
 use std::io::{BufReader, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -317,6 +317,12 @@ impl Rig {
                 &self.l1_mem_mib.to_string(),
             ])
             .args(["-nographic", "-no-reboot", "-net", "none"])
+            // A monitor to ask where L1's CPUs are when L1 stops beating (RigError::L1Stopped).
+            .arg("-monitor")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                tmp.path().join(L0_MONITOR).display()
+            ))
             // CPU resets are logged, so a triple fault in L1 (which -no-reboot turns into a
             // silent exit with status 0) can be told from L1 powering off.
             .args(["-d", "cpu_reset", "-D"])
@@ -333,7 +339,7 @@ impl Rig {
             program: self.qemu.display().to_string(),
             source,
         })?;
-        self.collect(child, timeout, false)
+        self.collect(child, timeout, Some(tmp.path().join(L0_MONITOR)))
     }
 
     fn run_host(
@@ -384,29 +390,33 @@ impl Rig {
         })?;
         // The Command still holds the pipe's write ends: drop it so EOF arrives when the job ends.
         drop(cmd);
-        self.collect_from(child, Box::new(reader), timeout, true)
+        self.collect_from(child, Box::new(reader), timeout, true, None)
     }
 
+    /// [`Self::collect_from`] for the outer QEMU, whose monitor listens on `monitor`.
     fn collect(
         &self,
         mut child: Child,
         timeout: Duration,
-        group: bool,
+        monitor: Option<PathBuf>,
     ) -> Result<Collected, RigError> {
         let out = child.stdout.take().ok_or(RigError::Io {
             what: "taking QEMU's stdout",
             source: std::io::ErrorKind::BrokenPipe.into(),
         })?;
-        self.collect_from(child, Box::new(out), timeout, group)
+        self.collect_from(child, Box::new(out), timeout, false, monitor.as_deref())
     }
 
     /// Reads console lines until EOF or the timeout; kills the process (group) on timeout.
+    /// When L1 stops beating, the outer QEMU's `monitor` (if any) is asked where L1's CPUs are
+    /// before the run is stopped.
     fn collect_from(
         &self,
         mut child: Child,
         out: Box<dyn Read + Send>,
         timeout: Duration,
         group: bool,
+        monitor: Option<&Path>,
     ) -> Result<Collected, RigError> {
         let stderr = child.stderr.take().map(|mut e| {
             std::thread::spawn(move || {
@@ -428,7 +438,8 @@ impl Rig {
         // Set by the first heartbeat: L1 must beat again before it passes.
         let mut silence_deadline: Option<Instant> = None;
         let mut beats = 0;
-        let mut l1_stopped = false;
+        // Set when L1 stopped beating: what the monitor said about its CPUs.
+        let mut l1_stopped: Option<String> = None;
         loop {
             let until = [oops_deadline, silence_deadline]
                 .into_iter()
@@ -457,7 +468,10 @@ impl Rig {
                         break;
                     }
                     if silence_deadline.is_some_and(|s| Instant::now() >= s && s < deadline) {
-                        l1_stopped = true;
+                        l1_stopped = Some(match monitor {
+                            Some(m) => l1_cpus(m),
+                            None => "(no monitor)".to_string(),
+                        });
                         kill(&mut child, group);
                         break;
                     }
@@ -477,10 +491,11 @@ impl Rig {
         let _ = reader.join();
         let err_text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         let (transcript, console) = console.into_lines();
-        if l1_stopped {
+        if let Some(cpu) = l1_stopped {
             return Err(RigError::L1Stopped {
                 silent: L1_SILENCE,
                 tail: tail(&console),
+                cpu,
             });
         }
         if timed_out {
@@ -508,6 +523,80 @@ impl Rig {
 
 /// QEMU's log for L1 (`-D`), in the run's temporary directory.
 const L1_QEMU_LOG: &str = "l1-qemu.log";
+
+/// The outer QEMU's monitor socket (HMP), in the run's temporary directory.
+const L0_MONITOR: &str = "l0-monitor.sock";
+
+/// Asks the outer QEMU's monitor (HMP) at `path` for `info cpus` and `info registers -a`:
+/// where L1's CPUs are (halted or not, RIP, flags; L2's state when L1 was running its guest).
+/// Never fails: a monitor that cannot be asked gives the reason instead.
+pub fn l1_cpus(path: &Path) -> String {
+    use std::os::unix::net::UnixStream;
+    let ask = || -> std::io::Result<String> {
+        let mut m = UnixStream::connect(path)?;
+        m.set_read_timeout(Some(Duration::from_secs(2)))?;
+        m.write_all(b"info cpus\ninfo registers -a\n")?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        // Read until the monitor has been quiet for the timeout (or 256 KiB).
+        loop {
+            match m.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            if out.len() > 256 << 10 {
+                break;
+            }
+        }
+        Ok(monitor_text(&out))
+    };
+    ask().unwrap_or_else(|e| format!("(the monitor could not be asked: {e})"))
+}
+
+/// The monitor's output as plain lines: terminal escape sequences and carriage returns gone;
+/// the banner, the prompts with their echoed commands, and the debug, x87 and vector registers
+/// dropped (the general registers, flags, segments and control registers stay).
+fn monitor_text(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let mut plain = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // ESC [ ... final byte (a letter).
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for d in chars.by_ref() {
+                        if d.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            c => plain.push(c),
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| {
+            const NOISE: [&str; 9] = [
+                "QEMU ", "(qemu)", "FPR", "XMM", "YMM", "ZMM", "FCW", "DR", "Opmask",
+            ];
+            !l.trim().is_empty() && !NOISE.iter().any(|n| l.starts_with(n))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// Whether QEMU logged a triple fault of L1's CPU (x86 TCG logs "Triple fault" under
 /// `-d cpu_reset` before it requests the reset).

@@ -115,6 +115,43 @@ fn l1_holds_an_idle_vm_through_the_job() {
 }
 
 #[test]
+fn the_outer_qemus_monitor_says_where_l1s_cpus_are() {
+    // What an L1Stopped fault reports: asked of a paused outer QEMU with the rig's CPU model.
+    let rig = rig();
+    let dir = std::env::temp_dir().join(format!("ebb-monitor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("m.sock");
+    let mut qemu = std::process::Command::new(&rig.qemu)
+        .args(["-accel", &rig.accel, "-cpu", &rig.cpu, "-smp", "2", "-S"])
+        .args(["-display", "none", "-nodefaults", "-net", "none"])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the outer QEMU");
+    // The socket exists once QEMU listens.
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let said = ebb_harness::l1_cpus(&sock);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(said.contains("CPU #0") && said.contains("CPU #1"), "{said}");
+    assert!(said.contains("IP=") && said.contains("HLT="), "{said}");
+    assert!(
+        !said.contains('\u{1b}') && !said.contains("(qemu)"),
+        "{said}"
+    );
+    let gone = ebb_harness::l1_cpus(&dir.join("none.sock"));
+    assert!(
+        gone.starts_with("(the monitor could not be asked"),
+        "{gone}"
+    );
+}
+
+#[test]
 fn timeout_kills_the_run() {
     let rig = rig();
     let start = Instant::now();
