@@ -7,7 +7,9 @@ use std::path::Path;
 
 use ebb_harness::workspace_root;
 
-use crate::{Cli, Round, Sizes, Unit, csv, median, ratio, show};
+use crate::round::Round;
+use crate::tables::{Unit, csv, median, ratio, show};
+use crate::{Cli, Sizes};
 
 /// The ebb configurations `--variants` compares: label, ebb flags. The same list, labels and
 /// flags as the rig test of every combination (`scripts/combos-l1.sh`,
@@ -428,7 +430,7 @@ pub(crate) fn write_variants(
 mod tests {
     use super::*;
     use crate::PHASES;
-    use crate::tests::line;
+    use crate::round::tests::line;
 
     /// A `--variants` round: variant `a` meets a rig fault once and then completes, `b`
     /// completes, `c` fails a step.
