@@ -182,9 +182,10 @@ impl Vcpu {
     /// [`STALE_VECTORING_MAX`] times in a row. KVM checks the type field of the exit's
     /// interrupt information without its valid bit; an emulated SVM that leaves the last
     /// delivered event's type there with the valid bit clear (QEMU's TCG does, see
-    /// docs/ARCHITECTURE.md, "Known flakiness") makes KVM refuse a plain MMIO access. The
-    /// access was not performed (KVM emulates nothing when it refuses), so re-entering the
-    /// guest at the same instruction makes it again, and the next exit reports it normally.
+    /// docs/ARCHITECTURE.md, "A stale event-delivery report") makes KVM refuse a plain MMIO
+    /// access. The access was not performed (KVM emulates nothing when it refuses), so
+    /// re-entering the guest at the same instruction makes it again, and the next exit reports
+    /// it normally.
     fn stale_vectoring(&mut self, data: &[u64]) -> bool {
         // data: exit info 2, exit reason, exit info 1, the guest-physical address, CPU.
         let Some(&gpa) = data.get(3) else {
