@@ -44,4 +44,6 @@ pub use protocol::{Meminfo, ProcSample, ResultLine, Transcript, parse_result};
 pub use rerun::{
     EBB_EXIT_KVM_ERROR, EBB_EXIT_TRIPLE_FAULT, FaultSeen, Reran, Reruns, RigFault, RigFaultError,
 };
-pub use runner::{DEFAULT_ACCEL, DEFAULT_CPU, L1_DID_NOT_BOOT, Rig, RunOutput, l1_cpus};
+pub use runner::{
+    DEFAULT_ACCEL, DEFAULT_CPU, L1_DID_NOT_BOOT, Rig, RunOutput, l1_cpu_summary, l1_cpus,
+};

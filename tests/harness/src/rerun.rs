@@ -122,8 +122,10 @@ impl RigFault {
                 Some(format!("QEMU logged a triple fault of L1's CPU\n{tail}"))
             }
             (RigFault::L1Stopped, Err(RigError::L1Stopped { silent, tail, cpu })) => Some(format!(
-                "L1 printed no heartbeat for {} s\n{tail}\nL1's CPUs then:\n{cpu}",
-                silent.as_secs()
+                "L1 printed no heartbeat for {} s; L1's CPUs then: {}\n{tail}\n\
+                 L1's CPUs then (outer QEMU's monitor):\n{cpu}",
+                silent.as_secs(),
+                crate::runner::l1_cpu_summary(cpu)
             )),
             (RigFault::EbbTripleFault, Ok(out)) if out.status == EBB_EXIT_TRIPLE_FAULT => {
                 evidence(out, |l| l.contains("triple-faulted"))
@@ -564,13 +566,22 @@ mod tests {
         let stopped = Err(RigError::L1Stopped {
             silent: Duration::from_secs(300),
             tail: "EBB-BALLOON-STATS label=end".into(),
-            cpu: "CPU#0 ... HLT=1".into(),
+            cpu:
+                "CPU#0\nRIP=ffffffff81000000 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\n\
+                  CR0=80050033 CR2=0 CR3=000000000b469000 CR4=003106f0\nEFER=0000000000001d01"
+                    .into(),
         });
         let (f, evidence) = all.classify(&stopped).expect("named");
         assert_eq!(f, RigFault::L1Stopped);
         assert!(evidence.contains("no heartbeat for 300 s"), "{evidence}");
         assert!(evidence.contains("label=end"), "{evidence}");
-        assert!(evidence.contains("HLT=1"), "{evidence}");
+        assert!(
+            evidence.starts_with(
+                "L1 printed no heartbeat for 300 s; L1's CPUs then: CPU#0 RIP=ffffffff81000000 \
+                 RFL=00000246 CPL=0 HLT=1 CR3=000000000b469000 (L1's own state)\n"
+            ),
+            "{evidence}"
+        );
         let slow = Err(RigError::Timeout {
             after: Duration::from_secs(2700),
             tail: String::new(),

@@ -562,6 +562,42 @@ pub fn l1_cpus(path: &Path) -> String {
     ask().unwrap_or_else(|e| format!("(the monitor could not be asked: {e})"))
 }
 
+/// One line per CPU from [`l1_cpus`]'s answer: its instruction pointer, flags, privilege level,
+/// whether it is halted, CR3, and whose state it is: L1's own (EFER.SVME set, as L1's KVM sets
+/// it) or the L2 guest's that L1 was running (clear). Empty if the answer has no registers.
+pub fn l1_cpu_summary(dump: &str) -> String {
+    let mut cpus: Vec<String> = Vec::new();
+    for line in dump.lines() {
+        let line = line.trim();
+        if line.starts_with("CPU#") {
+            cpus.push(line.to_string());
+            continue;
+        }
+        let Some(cur) = cpus.last_mut() else {
+            continue;
+        };
+        let keep = |t: &str| {
+            ["RIP=", "EIP=", "RFL=", "EFL=", "CPL=", "HLT=", "CR3="]
+                .iter()
+                .any(|k| t.starts_with(k))
+        };
+        if line.contains("HLT=") || line.starts_with("CR0=") {
+            for t in line.split_whitespace().filter(|t| keep(t)) {
+                cur.push(' ');
+                cur.push_str(t);
+            }
+        } else if let Some(v) = line.strip_prefix("EFER=") {
+            let efer = u64::from_str_radix(v.trim(), 16).unwrap_or(0);
+            cur.push_str(if efer & (1 << 12) != 0 {
+                " (L1's own state)"
+            } else {
+                " (in L2)"
+            });
+        }
+    }
+    cpus.join("; ")
+}
+
 /// The monitor's output as plain lines: terminal escape sequences and carriage returns gone;
 /// the banner, the prompts with their echoed commands, and the debug, x87 and vector registers
 /// dropped (the general registers, flags, segments and control registers stay).

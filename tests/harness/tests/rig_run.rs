@@ -144,6 +144,13 @@ fn the_outer_qemus_monitor_says_where_l1s_cpus_are() {
         !said.contains('\u{1b}') && !said.contains("(qemu)"),
         "{said}"
     );
+    // The reset state of both CPUs, one line each.
+    let summary = ebb_harness::l1_cpu_summary(&said);
+    assert!(
+        summary.starts_with("CPU#0 EIP=0000fff0 EFL=00000002 CPL=0 HLT=0 CR3=00000000")
+            && summary.contains("; CPU#1 EIP=0000fff0"),
+        "{summary}"
+    );
     let gone = ebb_harness::l1_cpus(&dir.join("none.sock"));
     assert!(
         gone.starts_with("(the monitor could not be asked"),
