@@ -124,12 +124,14 @@ done
         /^integrity: / { checked += $0 ~ /integrity: [0-9]+/ ? substr($0, 12) + 0 : 0
             match($0, /, [0-9]+ bad/); bad += substr($0, RSTART + 2, RLENGTH - 6) }
         /rig faults re-run: / { match($0, /rig faults re-run: [0-9]+/); rf += substr($0, RSTART + 19, RLENGTH - 19) }
+        /stale event-delivery report: / { match($0, /stale event-delivery report: [0-9]+/); st += substr($0, RSTART + 29, RLENGTH - 29) }
         END {
             printf "%d cycles; pages moved %d (%d in, %d out, %d deflated by the guest itself); ", c, pin + pout, pin, pout, gd
             printf "inflate %.1f s in all (longest %.1f s); deflate %.1f s in all (longest %.1f s); ", inf, linf, def, ldef
             printf "worst notify_ns_max %.1f ms; faults %d; KVM table zaps %d; VmPTE at most %d kB, ", nmax, f, z, pte
             printf "VmRSS at most %d MiB; guest available memory at least %d MiB with the balloon inflated; ", rss, avail
-            printf "integrity: %d pages checked, %d bad; rig faults re-run: %d\n", checked, bad, rf
+            printf "integrity: %d pages checked, %d bad; rig faults re-run: %d; ", checked, bad, rf
+            printf "MMIO accesses ebb ran again after a stale event-delivery report: %d\n", st
         }'
 } >"$out/summary.md"
 cat "$out/summary.md"
