@@ -14,7 +14,7 @@
 //! pin holds. Killing the child destroys the VM.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::args::Args;
 use crate::error::ToolError;
@@ -50,7 +50,6 @@ fn create_vm() -> Result<[OwnedFd; 3], ToolError> {
         unsafe { libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) },
         "open /dev/kvm",
     )?;
-    use std::os::fd::AsRawFd;
     // SAFETY: KVM_CREATE_VM takes the machine type (0) by value and returns a new descriptor.
     let vm = owned(
         unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM as _, 0) },

@@ -308,6 +308,7 @@ impl Rig {
         if !self.l1_append.is_empty() {
             append = format!("{append} {}", self.l1_append);
         }
+        let monitor = tmp.path().join(L0_MONITOR);
         let mut cmd = std::process::Command::new(&self.qemu);
         cmd.args(["-accel", &self.accel, "-cpu", &self.cpu])
             .args([
@@ -319,10 +320,7 @@ impl Rig {
             .args(["-nographic", "-no-reboot", "-net", "none"])
             // A monitor to ask where L1's CPUs are when L1 stops beating (RigError::L1Stopped).
             .arg("-monitor")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                tmp.path().join(L0_MONITOR).display()
-            ))
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             // CPU resets are logged, so a triple fault in L1 (which -no-reboot turns into a
             // silent exit with status 0) can be told from L1 powering off.
             .args(["-d", "cpu_reset", "-D"])
@@ -339,7 +337,7 @@ impl Rig {
             program: self.qemu.display().to_string(),
             source,
         })?;
-        self.collect(child, timeout, Some(tmp.path().join(L0_MONITOR)))
+        self.collect(child, timeout, &monitor)
     }
 
     fn run_host(
@@ -398,13 +396,13 @@ impl Rig {
         &self,
         mut child: Child,
         timeout: Duration,
-        monitor: Option<PathBuf>,
+        monitor: &Path,
     ) -> Result<Collected, RigError> {
         let out = child.stdout.take().ok_or(RigError::Io {
             what: "taking QEMU's stdout",
             source: std::io::ErrorKind::BrokenPipe.into(),
         })?;
-        self.collect_from(child, Box::new(out), timeout, false, monitor.as_deref())
+        self.collect_from(child, Box::new(out), timeout, false, Some(monitor))
     }
 
     /// Reads console lines until EOF or the timeout; kills the process (group) on timeout.
@@ -566,6 +564,11 @@ pub fn l1_cpus(path: &Path) -> String {
 /// whether it is halted, CR3, and whose state it is: L1's own (EFER.SVME set, as L1's KVM sets
 /// it) or the L2 guest's that L1 was running (clear). Empty if the answer has no registers.
 pub fn l1_cpu_summary(dump: &str) -> String {
+    let keep = |t: &str| {
+        ["RIP=", "EIP=", "RFL=", "EFL=", "CPL=", "HLT=", "CR3="]
+            .iter()
+            .any(|k| t.starts_with(k))
+    };
     let mut cpus: Vec<String> = Vec::new();
     for line in dump.lines() {
         let line = line.trim();
@@ -575,11 +578,6 @@ pub fn l1_cpu_summary(dump: &str) -> String {
         }
         let Some(cur) = cpus.last_mut() else {
             continue;
-        };
-        let keep = |t: &str| {
-            ["RIP=", "EIP=", "RFL=", "EFL=", "CPL=", "HLT=", "CR3="]
-                .iter()
-                .any(|k| t.starts_with(k))
         };
         if line.contains("HLT=") || line.starts_with("CR0=") {
             for t in line.split_whitespace().filter(|t| keep(t)) {
