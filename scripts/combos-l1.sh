@@ -20,7 +20,8 @@
 # kernel prints "Oops: int3") runs again, at most twice: EBB-COMBO-RIG-FAULT label=L
 # attempt=N fault=WHAT. Re-running only that combination keeps the whole run within its time.
 #
-# Environment: COMBOS (labels to run, separated by spaces; default all), EBB_VCPUS (1),
+# Environment: COMBOS (labels to run, separated by spaces; default all), COMBOS_ALL (1: also
+# the ten pairs the default list leaves out, so every pair the flags accept runs), EBB_VCPUS (1),
 # EBB_MEMORY_MIB (256), COMBO_HOLD_MIB (integrity's pages, 32), COMBO_INFLATE_MIB (32),
 # COMBO_WINDOW (the fault-around window of the windowed 4 KiB runs, 16 pages), COMBO_EBB_FLAGS
 # (more ebb flags, default --hlt-in-guest: docs/ARCHITECTURE.md, "Known flakiness").
@@ -159,8 +160,25 @@ W="--no-thp --fault-around $WINDOW"
 combo "anon4k-w$WINDOW-dontneed-off" $W --reclaim-strategy off --release-mode dontneed
 combo "anon4k-w$WINDOW-dontneed-scan" $W --reclaim-strategy scan --release-mode dontneed
 combo "anon4k-w$WINDOW-free-count" $W --reclaim-strategy count --release-mode free
+# The rest of the 4 KiB pairs, with both fills (COMBOS_ALL=1 only).
+if [ "${COMBOS_ALL:-0}" = 1 ]; then
+    for r in dontneed free; do
+        for s in off scan count; do
+            [ "$r-$s" = dontneed-count ] ||
+                combo "anon4k-$r-$s" --no-thp --reclaim-strategy $s --release-mode $r
+            case "$r-$s" in
+            dontneed-off | dontneed-scan | free-count) ;;
+            *) combo "anon4k-w$WINDOW-$r-$s" $W --reclaim-strategy $s --release-mode $r ;;
+            esac
+        done
+    done
+fi
 # Untracked anonymous RAM (--no-track): no fault path and no tables, so the strategy means
 # nothing; once per release mode, one with THP (the default) and one without.
 combo untracked-thp-dontneed --no-track --release-mode dontneed
 combo untracked-4k-free --no-track --no-thp --release-mode free
+if [ "${COMBOS_ALL:-0}" = 1 ]; then
+    combo untracked-thp-free --no-track --release-mode free
+    combo untracked-4k-dontneed --no-track --no-thp --release-mode dontneed
+fi
 echo "EBB-COMBO-DONE"

@@ -8,7 +8,7 @@
 //! minimum, and exactly it after `PUT /memory/reclaim`); ebb reports the strategy, release mode
 //! and fault-around window asked for; the exit report is as exact. A failure names the
 //! combination; every combination is checked before the test fails, and the figures of all of
-//! them go to stderr.
+//! them go to stderr. `EBB_COMBOS=all` also runs the pairs the default list leaves out.
 //!
 //! Needs `resources/setup.sh` to have run (fails loudly otherwise). The static `ebb` and
 //! `ebb-ctl` are built by the test (or taken from `EBB_BIN` and its directory).
@@ -53,8 +53,9 @@ impl Combo {
     }
 }
 
-/// The combinations `scripts/combos-l1.sh` runs, in its order.
-fn combinations() -> Vec<Combo> {
+/// The combinations `scripts/combos-l1.sh` runs, in its order; with `all`, also the ten pairs
+/// its default list leaves out (`COMBOS_ALL=1`).
+fn combinations(all: bool) -> Vec<Combo> {
     let mut v = Vec::new();
     let tracked = |label: String, strategy, release, fault_around| Combo {
         label,
@@ -83,8 +84,24 @@ fn combinations() -> Vec<Combo> {
         };
         v.push(tracked(format!("{fill}-{r}-{s}"), s, r, fault_around));
     }
+    if all {
+        for r in ["dontneed", "free"] {
+            for s in ["off", "scan", "count"] {
+                if (r, s) != ("dontneed", "count") {
+                    v.push(tracked(format!("anon4k-{r}-{s}"), s, r, 1));
+                }
+                if !matches!((r, s), ("dontneed", "off" | "scan") | ("free", "count")) {
+                    v.push(tracked(format!("anon4k-w{WINDOW}-{r}-{s}"), s, r, WINDOW));
+                }
+            }
+        }
+    }
     // Untracked: once per release mode, with THP and without.
-    for (fill, r, fault_around) in [("thp", "dontneed", MEMFD_WINDOW), ("4k", "free", 1)] {
+    let mut untracked = vec![("thp", "dontneed", MEMFD_WINDOW), ("4k", "free", 1)];
+    if all {
+        untracked.extend([("thp", "free", MEMFD_WINDOW), ("4k", "dontneed", 1)]);
+    }
+    for (fill, r, fault_around) in untracked {
         v.push(Combo {
             label: format!("untracked-{fill}-{r}"),
             tracked: false,
@@ -288,6 +305,12 @@ fn every_memory_combination_keeps_guest_data_and_exact_tables_through_a_balloon_
     let ebb = static_ebb().unwrap_or_else(|e| panic!("{e}"));
     let ctl = ebb.with_file_name("ebb-ctl");
     assert!(ctl.exists(), "{} missing", ctl.display());
+    // EBB_COMBOS=all runs every pair the flags accept (22 runs); the default, the suite's, 12.
+    let all = match std::env::var("EBB_COMBOS").as_deref() {
+        Ok("all") => true,
+        Ok("") | Err(_) => false,
+        Ok(other) => panic!("EBB_COMBOS={other}: only \"all\" is known"),
+    };
     let job = Job::shell("sh \"$EBB_RIG_INPUTS/combos-l1.sh\"")
         .input(&ebb)
         .input(&ctl)
@@ -298,7 +321,8 @@ fn every_memory_combination_keeps_guest_data_and_exact_tables_through_a_balloon_
         .env("COMBO_HOLD_MIB", HOLD_MIB.to_string())
         .env("COMBO_INFLATE_MIB", INFLATE_MIB.to_string())
         .env("COMBO_WINDOW", WINDOW.to_string())
-        .timeout(Duration::from_secs(2700));
+        .env("COMBOS_ALL", if all { "1" } else { "0" })
+        .timeout(Duration::from_secs(if all { 5400 } else { 2700 }));
     // L1's own faults re-run the whole job; the faults of ebb's guests re-run only the
     // combination that met them, inside the script (scripts/combos-l1.sh).
     let out = rig
@@ -310,7 +334,7 @@ fn every_memory_combination_keeps_guest_data_and_exact_tables_through_a_balloon_
         "the script did not finish:\n{text}"
     );
 
-    let combos = combinations();
+    let combos = combinations(all);
     let mut failed = Vec::new();
     for c in &combos {
         let (bad, line) = check(c, &text);
