@@ -198,8 +198,11 @@ pub fn shmem_huge_pages_available() -> bool {
     }
 }
 
-/// How many more times a collapse that met a busy page (EAGAIN) is tried.
-const COLLAPSE_TRIES: u32 = 4;
+/// How many more times a collapse that met a busy page (EAGAIN) is tried: the first
+/// `COLLAPSE_YIELDS` after a yield, the rest after a sleep that doubles from 50 us (12.75 ms in
+/// all), because on a loaded host the page can stay busy longer than a few yields.
+const COLLAPSE_TRIES: u32 = 12;
+const COLLAPSE_YIELDS: u32 = 4;
 
 /// Host mappings are aligned to 2 MiB, so that each 2 MiB guest block whose gpa is 2 MiB-aligned
 /// maps to exactly the host range one host PTE page covers.
@@ -418,17 +421,22 @@ impl HostBacking for MemfdBacking {
         // alias maps none of these pages (fill_blocks unmaps it again).
         //
         // EAGAIN is transient: a page of the block was busy for a moment (in manager_promote,
-        // about one block in 400, right after the fault that filled it).
-        // A few more tries get through; a block left split would stay split, since a full block
-        // takes no more faults.
+        // about one block in 400, right after the fault that filled it; once, with the host's
+        // two cores busy, still after four yields). More tries get through; a block left split
+        // would stay split, since a full block takes no more faults.
         let mut tries = 0;
         loop {
             match self.map.madvise(offset, len, Advice::Collapse) {
                 Err(SysError::Call { source, .. })
                     if source.raw_os_error() == Some(libc::EAGAIN) && tries < COLLAPSE_TRIES =>
                 {
+                    if tries < COLLAPSE_YIELDS {
+                        std::thread::yield_now();
+                    } else {
+                        let us = 50u64 << (tries - COLLAPSE_YIELDS);
+                        std::thread::sleep(std::time::Duration::from_micros(us));
+                    }
                     tries += 1;
-                    std::thread::yield_now();
                 }
                 res => {
                     return res.map_err(|source| BackingError::Collapse {
