@@ -2,6 +2,7 @@
 //! status, samples and L1's page-table counters; timeouts kill the run. Needs
 //! `resources/setup.sh` to have run; fails otherwise.
 
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use ebb_harness::{Job, Mode, Rig, RigError, RigFault, RigFaultError};
@@ -198,25 +199,41 @@ fn l1_kernel_report_stops_the_run(test: &str, line: &str, fault: RigFault) {
         return;
     }
     rig.l1_oops_retries = 0;
-    let start = Instant::now();
-    // Named "injected", so that test.sh's count of the rig faults met leaves these out.
-    let err = rig
-        .run_with(
-            &Job::shell(format!("echo '{line}' > /dev/kmsg; sleep 600"))
-                .timeout(Duration::from_secs(300)),
-            &rig.l1_reruns("injected"),
-        )
-        .unwrap_err();
-    let RigError::RigFaults(RigFaultError::EveryAttempt { attempts, .. }) = &err else {
-        panic!("expected a rig fault on every attempt, got {err}");
-    };
-    assert_eq!(attempts.len(), 1, "no re-run when none is allowed");
-    assert_eq!(attempts[0].fault, fault);
-    assert!(attempts[0].evidence.contains(line), "{err}");
-    assert!(
-        start.elapsed() < Duration::from_secs(200),
-        "stopped soon after the report"
-    );
+    // A real fault of L1 can come first (L1's kernel oopses on a stray int3 now and then, also
+    // while the job starts: docs/ARCHITECTURE.md, "Known flakiness"); its evidence lacks the
+    // injected line. That run is said the way the harness says a rig fault and run again, at
+    // most twice; the last attempt is checked whatever it met.
+    for attempt in 1..=3 {
+        let start = Instant::now();
+        // Named "injected", so that test.sh's count of the rig faults met leaves these out.
+        let err = rig
+            .run_with(
+                &Job::shell(format!("echo '{line}' > /dev/kmsg; sleep 600"))
+                    .timeout(Duration::from_secs(300)),
+                &rig.l1_reruns("injected"),
+            )
+            .unwrap_err();
+        let RigError::RigFaults(RigFaultError::EveryAttempt { attempts, .. }) = &err else {
+            panic!("expected a rig fault on every attempt, got {err}");
+        };
+        assert_eq!(attempts.len(), 1, "no re-run when none is allowed");
+        if attempt < 3 && !attempts[0].evidence.contains(line) {
+            // Straight to the stream: the test harness's capture would hide eprintln! on a pass.
+            let _ = writeln!(
+                std::io::stderr(),
+                "ebb-rig: {test}: RIG FAULT ({}) on attempt {attempt} of 3, before the injected line; running it again",
+                attempts[0].fault
+            );
+            continue;
+        }
+        assert_eq!(attempts[0].fault, fault);
+        assert!(attempts[0].evidence.contains(line), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(200),
+            "stopped soon after the report"
+        );
+        return;
+    }
 }
 
 #[test]
