@@ -84,14 +84,18 @@ fn combinations(all: bool) -> Vec<Combo> {
         };
         v.push(tracked(format!("{fill}-{r}-{s}"), s, r, fault_around));
     }
+    // With `all`, every other pair on both 4 KiB fills: the ones not in the list above.
     if all {
         for r in ["dontneed", "free"] {
             for s in ["off", "scan", "count"] {
-                if (r, s) != ("dontneed", "count") {
-                    v.push(tracked(format!("anon4k-{r}-{s}"), s, r, 1));
-                }
-                if !matches!((r, s), ("dontneed", "off" | "scan") | ("free", "count")) {
-                    v.push(tracked(format!("anon4k-w{WINDOW}-{r}-{s}"), s, r, WINDOW));
+                for (fill, fault_around) in [
+                    ("anon4k".to_owned(), 1),
+                    (format!("anon4k-w{WINDOW}"), WINDOW),
+                ] {
+                    let label = format!("{fill}-{r}-{s}");
+                    if !v.iter().any(|c| c.label == label) {
+                        v.push(tracked(label, s, r, fault_around));
+                    }
                 }
             }
         }
